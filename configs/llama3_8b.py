@@ -1,0 +1,24 @@
+"""Llama-3-8B shape (published: 8.03B parameters); bf16 compute, FSDP over all devices by default."""
+
+from plamo_jax.configuration import default_config, finalize
+
+
+def get_config():
+    config = default_config()
+    config.name = "llama3_8b"
+    m = config.model
+    m.vocab_size = 128256
+    m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 4096, 32, 32, 8, 128, 14336
+    m.tie_embeddings = False
+    m.rope_theta = 500000.0
+    m.norm_eps = 1e-5
+    m.dtype = "bfloat16"
+    m.remat = "save_dots"
+    config.mesh.data, config.mesh.fsdp = 1, -1
+    config.train.global_batch_size = 512
+    config.train.seq_len = 8192
+    config.train.output_dir = "runs/llama3_8b"
+    config.optimizer.learning_rate = 3e-4
+    config.optimizer.warmup_steps = 2000
+    config.train.steps = 100000
+    return finalize(config)

@@ -1,0 +1,188 @@
+"""The configuration schema: every key with its default, and validation at start.
+
+Recipes in `configs/` start from `default_config()` and change fields. The returned ConfigDict is
+locked, so a misspelt key in a recipe or a command-line override fails instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from plamo_jax.data.config import data_defaults
+from plamo_jax.models.decoder import REMAT_POLICIES
+from plamo_jax.models.registry import FAMILIES
+from plamo_jax.parallel.mesh import MeshConfigError, resolve_axis_sizes
+from plamo_jax.parallel.rules import DEFAULT_RULES, merge_rules
+from plamo_jax.train.optimizer import SCHEDULES, WSD_DECAY_SHAPES
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names key, value and expectation."""
+
+
+def _model_defaults() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.family = "dense"  # dense | hybrid | moe
+    m.vocab_size = 512
+    m.d_model = 128
+    m.num_layers = 2
+    m.num_heads = 4
+    m.num_kv_heads = 2
+    m.head_dim = 32
+    m.mlp_dim = 384
+    m.qk_norm = False  # per-head RMSNorm on q and k before RoPE (PLaMo-100B, Qwen3)
+    m.tie_embeddings = True
+    m.rope_theta = 10000.0
+    m.norm_eps = 1e-5
+    m.init_std = 0.02
+    m.dtype = "float32"  # compute dtype; parameters are always fp32
+    m.remat = "none"  # none | save_dots | full
+    # hybrid (PLaMo 2 / Samba)
+    m.mamba_step = 2
+    m.ssm_num_heads = 4
+    m.ssm_head_dim = 32
+    m.ssm_state_dim = 16
+    m.ssm_conv_width = 4
+    m.ssm_chunk_size = 64
+    m.attention_window = 0  # 0 = full attention; otherwise a sliding window of this many tokens
+    m.full_attention_layers = ()  # layer indices that use full attention despite the window
+    # mixture of experts
+    m.num_experts = 0
+    m.num_experts_per_token = 2
+    m.num_shared_experts = 0
+    m.expert_mlp_dim = 0
+    m.router_softmax_before_topk = True
+    m.router_renormalize = True
+    m.capacity_factor = 0.0  # 0 = dropless
+    m.moe_aux_loss = 0.01
+    m.router_z_loss = 0.001
+    return m
+
+
+def _mesh_defaults() -> ml_collections.ConfigDict:
+    mesh = ml_collections.ConfigDict()
+    # ICI (within a host or slice) sizes; one may be -1 to take the remaining devices.
+    mesh.data = -1
+    mesh.fsdp = 1
+    mesh.expert = 1
+    mesh.sequence = 1
+    mesh.tensor = 1
+    # DCN (across slices / hosts) sizes multiply the ICI sizes; 1 = single slice.
+    mesh.dcn_data = 1
+    mesh.dcn_fsdp = 1
+    # logical axis -> comma-separated mesh axes ("" = replicated); override any single key.
+    mesh.rules = ml_collections.ConfigDict(
+        {name: ",".join(axes or ()) for name, axes in DEFAULT_RULES.items()}
+    )
+    return mesh
+
+
+def _optimizer_defaults() -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
+    o.learning_rate = 3e-3
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    # parameter path substrings excluded from weight decay (comma-separated)
+    o.no_decay = "norm,bias,embed"
+    o.clip_norm = 1.0
+    o.schedule = "cosine"  # cosine | wsd | constant
+    o.warmup_steps = 20
+    o.min_lr_ratio = 0.1
+    o.wsd_decay_fraction = 0.2  # final fraction of steps spent decaying (warmup-stable-decay)
+    o.wsd_decay_shape = "linear"  # linear | cosine | sqrt
+    return o
+
+
+def _train_defaults() -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.steps = 300
+    t.seed = 0
+    t.global_batch_size = 16  # sequences per optimizer step, across all devices
+    t.seq_len = 128  # tokens per sequence
+    t.microbatches = 1  # gradient accumulation steps inside one jitted step
+    t.z_loss = 1e-4  # PaLM z-loss coefficient: z * log(Z)^2
+    t.log_every = 10
+    t.output_dir = "runs/default"
+    t.peak_flops_per_device = 0.0  # 0 = look up the device kind; set it for CPUs
+    return t
+
+
+def _checkpoint_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.enabled = True
+    c.every_steps = 100  # save when step % every_steps == 0 (0 = never by step count)
+    c.every_minutes = 0.0  # also save when this many minutes passed since the last save (0 = off)
+    c.keep_last = 3  # the newest checkpoints always kept
+    c.keep_every = 0  # additionally keep every checkpoint whose step is a multiple of this (0 = off)
+    c.async_save = True  # write in the background; the step loop only waits for the device-to-host copy
+    c.init_params = ""  # start from the parameters of this checkpoint (e.g. tools/convert_checkpoint from-hf)
+    return c
+
+
+def default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = "default"
+    config.model = _model_defaults()
+    config.mesh = _mesh_defaults()
+    config.data = data_defaults()
+    config.optimizer = _optimizer_defaults()
+    config.train = _train_defaults()
+    config.checkpoint = _checkpoint_defaults()
+    return config
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Lock a recipe so unknown keys in overrides fail loudly."""
+    config.lock()
+    return config
+
+
+def mesh_rules(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...] | None]:
+    """The logical-axis rules table with the config's `mesh.rules` entries applied."""
+    overrides = {name: tuple(a for a in str(value).split(",") if a) for name, value in config.mesh.rules.items()}
+    return merge_rules(overrides)
+
+
+def _require(condition: bool, key: str, value, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key {key}={value!r}: expected {expected}")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Fail at start, naming the key, its value and what was expected, for configs that cannot work."""
+    m, t, mesh = config.model, config.train, config.mesh
+    try:
+        ici, dcn = resolve_axis_sizes(mesh, num_devices)
+    except MeshConfigError as error:
+        raise ConfigError(str(error)) from None
+    size = {axis: ici[axis] * dcn[axis] for axis in ici}
+    _require(m.family in FAMILIES, "model.family", m.family, f"one of {sorted(FAMILIES)}")
+    _require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {sorted(REMAT_POLICIES)}")
+    _require(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", m.dtype,
+             "float32, bfloat16 or float16")
+    for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+        _require(m[key] > 0, f"model.{key}", m[key], "a positive integer")
+    _require(m.num_heads % m.num_kv_heads == 0, "model.num_heads", m.num_heads,
+             f"a multiple of model.num_kv_heads={m.num_kv_heads}")
+    _require(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "an even number (rotary embeddings)")
+    tensor = size["tensor"]
+    for key in ("num_heads", "num_kv_heads", "vocab_size", "mlp_dim"):
+        _require(m[key] % tensor == 0, f"model.{key}", m[key],
+                 f"divisible by the tensor-parallel mesh size mesh.tensor={tensor}")
+    _require(m.d_model % size["fsdp"] == 0, "model.d_model", m.d_model,
+             f"divisible by the FSDP mesh size {size['fsdp']}")
+    _require(t.global_batch_size % t.microbatches == 0, "train.global_batch_size", t.global_batch_size,
+             f"divisible by train.microbatches={t.microbatches}")
+    batch_shards = size["data"] * size["fsdp"] * size["expert"]
+    microbatch = t.global_batch_size // t.microbatches
+    _require(microbatch % batch_shards == 0, "train.global_batch_size", t.global_batch_size,
+             f"a microbatch ({microbatch} sequences) divisible by data x fsdp x expert = {batch_shards}")
+    _require(t.seq_len % size["sequence"] == 0, "train.seq_len", t.seq_len,
+             f"divisible by the sequence-parallel mesh size {size['sequence']}")
+    _require(t.steps > 0, "train.steps", t.steps, "a positive number of steps")
+    _require(config.optimizer.schedule in SCHEDULES, "optimizer.schedule", config.optimizer.schedule,
+             f"one of {SCHEDULES}")
+    _require(config.optimizer.wsd_decay_shape in WSD_DECAY_SHAPES, "optimizer.wsd_decay_shape",
+             config.optimizer.wsd_decay_shape, f"one of {WSD_DECAY_SHAPES}")

@@ -1,0 +1,117 @@
+"""Grouped-query attention with optional QK-norm, RoPE, and causal + document (+ window) masking."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from plamo_jax.models.layers import RMSNorm, apply_rope, normal, param
+from plamo_jax.parallel.rules import constrain
+
+QK_NORM_KINDS = ("none", "shared", "per_head")
+
+
+def attention_mask(segment_ids_BL: jax.Array, window: int | jax.Array = 0) -> jax.Array:
+    """[B, 1, L, L] boolean mask: causal, same document, and within `window` tokens when window > 0.
+
+    `window` may be a traced scalar (layers of a scanned stack can differ); 0 means unlimited.
+    """
+    length = segment_ids_BL.shape[1]
+    query = jnp.arange(length)[:, None]
+    key = jnp.arange(length)[None, :]
+    allowed = key <= query
+    window = jnp.asarray(window)
+    allowed = allowed & ((window <= 0) | (query - key < window))
+    same_document = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    return (allowed[None] & same_document)[:, None]
+
+
+def dot_product_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array,
+                          mask_B1LL: jax.Array) -> jax.Array:
+    """Softmax attention in fp32; query head h reads KV head h // (H / K) (Llama / HF layout)."""
+    batch, length, num_heads, head_dim = q_BLHD.shape
+    num_kv_heads = k_BLKD.shape[2]
+    group = num_heads // num_kv_heads
+    q = q_BLHD.reshape(batch, length, num_kv_heads, group, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k_BLKD, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim**-0.5)
+    scores = jnp.where(mask_B1LL[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BLKD.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BLKD)
+    return out.reshape(batch, length, num_heads, head_dim)
+
+
+class Attention(nnx.Module):
+    """Projections q/k/v [embed, heads, head_dim] and o [heads, head_dim, embed], no biases.
+
+    qk_norm: "none"; "shared" = one RMSNorm weight [head_dim] for all heads (Qwen3, PLaMo-100B style);
+    "per_head" = a weight per head [heads, head_dim] (PLaMo 2). Applied before RoPE.
+    """
+
+    def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 rope_theta: float, norm_eps: float, qk_norm: str, init_std: float,
+                 out_init_std: float, dtype, rngs: nnx.Rngs):
+        if qk_norm not in QK_NORM_KINDS:
+            raise ValueError(f"qk_norm must be one of {QK_NORM_KINDS}, got {qk_norm!r}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope_theta = rope_theta
+        self.dtype = dtype
+        self.q_proj = param(rngs, normal(init_std), (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"))
+        self.k_proj = param(rngs, normal(init_std), (d_model, num_kv_heads, head_dim),
+                            ("embed", "kv_heads", "head_dim"))
+        self.v_proj = param(rngs, normal(init_std), (d_model, num_kv_heads, head_dim),
+                            ("embed", "kv_heads", "head_dim"))
+        self.o_proj = param(rngs, normal(out_init_std), (num_heads, head_dim, d_model),
+                            ("heads", "head_dim", "embed"))
+        q_norm = k_norm = None
+        if qk_norm == "shared":
+            q_norm = RMSNorm(head_dim, eps=norm_eps, rngs=rngs, logical_axes=("head_dim",))
+            k_norm = RMSNorm(head_dim, eps=norm_eps, rngs=rngs, logical_axes=("head_dim",))
+        elif qk_norm == "per_head":
+            q_norm = PerHeadRMSNorm(num_heads, head_dim, eps=norm_eps, heads_axis="heads", rngs=rngs)
+            k_norm = PerHeadRMSNorm(num_kv_heads, head_dim, eps=norm_eps, heads_axis="kv_heads", rngs=rngs)
+        self.q_norm = nnx.data(q_norm)
+        self.k_norm = nnx.data(k_norm)
+
+    def project_qkv(self, x_BLD: jax.Array, positions_BL: jax.Array):
+        """q, k, v after QK-norm and RoPE (exposed for recurrent decoding with a KV cache)."""
+        x = x_BLD.astype(self.dtype)
+        q = jnp.einsum("bld,dhk->blhk", x, self.q_proj[...].astype(self.dtype))
+        k = jnp.einsum("bld,dhk->blhk", x, self.k_proj[...].astype(self.dtype))
+        v = jnp.einsum("bld,dhk->blhk", x, self.v_proj[...].astype(self.dtype))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions_BL, self.rope_theta)
+        k = apply_rope(k, positions_BL, self.rope_theta)
+        return q, k, v
+
+    def project_out(self, attended_BLHD: jax.Array) -> jax.Array:
+        out = jnp.einsum("blhk,hkd->bld", attended_BLHD, self.o_proj[...].astype(self.dtype))
+        return constrain(out, ("act_batch", "act_length", "act_embed"))
+
+    def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
+                 window: int | jax.Array = 0) -> jax.Array:
+        q, k, v = self.project_qkv(x_BLD, positions_BL)
+        # Sequence parallelism ends here: attention sees the whole sequence, heads stay sharded.
+        q = constrain(q, ("act_batch", None, "act_heads", "act_head_dim"))
+        k = constrain(k, ("act_batch", None, "act_kv_heads", "act_head_dim"))
+        v = constrain(v, ("act_batch", None, "act_kv_heads", "act_head_dim"))
+        attended = dot_product_attention(q, k, v, attention_mask(segment_ids_BL, window))
+        attended = constrain(attended, ("act_batch", None, "act_heads", "act_head_dim"))
+        return self.project_out(attended)
+
+
+class PerHeadRMSNorm(nnx.Module):
+    """RMS-normalise each head over head_dim, then scale by a per-head weight (initialised to 1)."""
+
+    def __init__(self, num_heads: int, head_dim: int, *, eps: float, heads_axis: str, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, jax.nn.initializers.ones, (num_heads, head_dim), (heads_axis, "head_dim"))
+
+    def __call__(self, x_BLHD: jax.Array) -> jax.Array:
+        x = x_BLHD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...]).astype(x_BLHD.dtype)

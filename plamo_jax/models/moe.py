@@ -1,0 +1,320 @@
+"""Mixture-of-experts block: linear router, top-k, dropless grouped-matmul dispatch, expert parallelism.
+
+Routing (router logits, top-k, auxiliary losses, capacity decisions) runs on the global token set
+under GSPMD. The expert computation runs inside `jax.shard_map` whenever a mesh is active: each shard
+takes its own tokens, sends every (token, expert) assignment to the shard holding that expert with an
+all-to-all over the mesh axes of the `expert` logical axis, runs its experts as grouped matmuls
+(`jax.lax.ragged_dot` on assignments sorted by expert) and sends the results back. Without a mesh the
+same grouped computation runs on all tokens at once.
+
+Expert weights: gate, up [expert, embed, mlp] and down [expert, mlp, embed] (Mixtral / Qwen3-MoE
+SwiGLU experts); the router is [embed, num_experts].
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from plamo_jax.models.decoder import compute_dtype, make_attention, output_init_std
+from plamo_jax.models.layers import RMSNorm, SwiGLU, normal, param
+from plamo_jax.parallel import rules as sharding_rules
+from plamo_jax.parallel.rules import constrain
+
+
+def validate_moe_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the config key when the MoE fields cannot work."""
+    if cfg.num_experts < 1:
+        raise ValueError(f"config key model.num_experts={cfg.num_experts}: family 'moe' needs at least 1 expert")
+    if not 1 <= cfg.num_experts_per_token <= cfg.num_experts:
+        raise ValueError(
+            f"config key model.num_experts_per_token={cfg.num_experts_per_token}: expected 1 to "
+            f"model.num_experts={cfg.num_experts}"
+        )
+    if cfg.expert_mlp_dim < 1:
+        raise ValueError(f"config key model.expert_mlp_dim={cfg.expert_mlp_dim}: expected a positive width")
+    if cfg.num_shared_experts < 0:
+        raise ValueError(f"config key model.num_shared_experts={cfg.num_shared_experts}: expected >= 0")
+    if cfg.capacity_factor < 0:
+        raise ValueError(
+            f"config key model.capacity_factor={cfg.capacity_factor}: expected 0 (dropless) or a positive factor"
+        )
+
+
+# ----------------------------------------------------------------------------------------- routing
+
+
+def route(logits_TE: jax.Array, num_selected: int, softmax_before_topk: bool,
+          renormalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k routing in fp32 -> (weights_TK, experts_TK int32, probs_TE = softmax over all experts).
+
+    softmax_before_topk: weights are the full-softmax probabilities of the chosen experts, divided by
+    their sum when `renormalize` (Mixtral, Qwen3-MoE with norm_topk_prob). Otherwise the softmax runs
+    over the k chosen logits only (already normalised; `renormalize` changes nothing).
+    """
+    logits_TE = logits_TE.astype(jnp.float32)
+    probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+    if softmax_before_topk:
+        weights_TK, experts_TK = jax.lax.top_k(probs_TE, num_selected)
+        if renormalize:
+            weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
+    else:
+        top_logits_TK, experts_TK = jax.lax.top_k(logits_TE, num_selected)
+        weights_TK = jax.nn.softmax(top_logits_TK, axis=-1)
+    return weights_TK, experts_TK.astype(jnp.int32), probs_TE
+
+
+def load_balance_loss(probs_TE: jax.Array, experts_TK: jax.Array) -> jax.Array:
+    """Switch-Transformer loss E * sum_e f_e * P_e; f_e = share of the T*K assignments sent to expert e,
+    P_e = mean router probability of e. Equals 1 for perfectly uniform routing."""
+    num_experts = probs_TE.shape[-1]
+    assignments_per_expert = jnp.sum(jax.nn.one_hot(experts_TK, num_experts, dtype=jnp.float32), axis=(0, 1))
+    fraction_E = assignments_per_expert / experts_TK.size
+    mean_prob_E = jnp.mean(probs_TE.astype(jnp.float32), axis=0)
+    return num_experts * jnp.sum(fraction_E * mean_prob_E)
+
+
+def router_z_loss(logits_TE: jax.Array) -> jax.Array:
+    """ST-MoE z-loss: mean over tokens of logsumexp(router logits)^2."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TE.astype(jnp.float32), axis=-1)))
+
+
+def expert_capacity(num_tokens: int, num_selected: int, num_experts: int, capacity_factor: float) -> int:
+    """Assignments each expert accepts: ceil(factor * T * K / E)."""
+    return max(1, math.ceil(capacity_factor * num_tokens * num_selected / num_experts))
+
+
+def capacity_keep_mask(experts_TK: jax.Array, num_experts: int, capacity: int) -> jax.Array:
+    """[T, K] bool: assignment kept when fewer than `capacity` earlier ones went to the same expert.
+
+    Priority follows GShard: every token's first choice before any second choice, then token order.
+    """
+    experts_KT = experts_TK.T
+    one_hot_KTE = jax.nn.one_hot(experts_KT, num_experts, dtype=jnp.int32)
+    # position of each assignment among those for its expert, in (choice rank, token) order
+    position_KTE = jnp.cumsum(one_hot_KTE.reshape(-1, num_experts), axis=0).reshape(one_hot_KTE.shape) - 1
+    position_KT = jnp.sum(position_KTE * one_hot_KTE, axis=-1)
+    return (position_KT < capacity).T
+
+
+# ---------------------------------------------------------------------------- grouped expert compute
+
+
+def _ragged_swiglu(x_AD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array,
+                   down_EFD: jax.Array) -> jax.Array:
+    """SwiGLU of rows already sorted by expert; group_sizes_E rows per expert (rows after them: unused)."""
+    gate = jax.lax.ragged_dot(x_AD, gate_EDF, group_sizes_E)
+    up = jax.lax.ragged_dot(x_AD, up_EDF, group_sizes_E)
+    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, down_EFD, group_sizes_E)
+
+
+def grouped_experts(x_AD: jax.Array, expert_A: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array,
+                    down_EFD: jax.Array) -> jax.Array:
+    """out[a] = expert_{expert_A[a]}(x_AD[a]); rows whose expert id is outside [0, E) give zeros.
+
+    Rows are sorted by expert (invalid ids last) so each expert is one contiguous group of the
+    ragged matmul, then put back in their original order.
+    """
+    num_experts = gate_EDF.shape[0]
+    valid_A = (expert_A >= 0) & (expert_A < num_experts)
+    sort_key_A = jnp.where(valid_A, expert_A, num_experts)
+    order_A = jnp.argsort(sort_key_A, stable=True)
+    group_sizes_E = jnp.bincount(sort_key_A, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    out_sorted_AD = _ragged_swiglu(x_AD[order_A], group_sizes_E, gate_EDF, up_EDF, down_EFD)
+    out_AD = jnp.zeros_like(out_sorted_AD).at[order_A].set(out_sorted_AD, unique_indices=True)
+    return jnp.where(valid_A[:, None], out_AD, 0)
+
+
+def local_moe(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array, keep_TK: jax.Array,
+              gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
+    """Dropless (or capacity-masked) MoE on tokens whose experts are all local: sum_k w_k * expert_k(x)."""
+    num_tokens, num_selected = experts_TK.shape
+    expert_A = jnp.where(keep_TK, experts_TK, -1).reshape(-1)
+    x_AD = jnp.repeat(x_TD, num_selected, axis=0)  # assignment a = t * K + k
+    out_AD = grouped_experts(x_AD, expert_A, gate_EDF, up_EDF, down_EFD)
+    out_TKD = out_AD.reshape(num_tokens, num_selected, -1)
+    weights_TK = jnp.where(keep_TK, weights_TK, 0).astype(out_TKD.dtype)
+    return jnp.einsum("tkd,tk->td", out_TKD, weights_TK)
+
+
+def expert_parallel_moe(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array, keep_TK: jax.Array,
+                        gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array, *,
+                        expert_axes: tuple[str, ...], num_shards: int, slots_per_shard: int) -> jax.Array:
+    """Per-shard body inside shard_map: tokens go to the shards holding their experts and come back.
+
+    gate/up/down hold this shard's E_local experts (shard s holds experts s*E_local ...). Each source
+    shard sends a fixed [num_shards, slots_per_shard, D] buffer (static shapes for the all-to-all);
+    slots_per_shard bounds how many assignments one shard can send to one other shard.
+    """
+    num_tokens, num_selected = experts_TK.shape
+    experts_local = gate_EDF.shape[0]
+    expert_A = experts_TK.reshape(-1)
+    keep_A = keep_TK.reshape(-1)
+    destination_A = jnp.where(keep_A, expert_A // experts_local, num_shards)
+    order_A = jnp.argsort(destination_A, stable=True)
+    destination_sorted_A = destination_A[order_A]
+    counts_S = jnp.bincount(destination_A, length=num_shards + 1)[:num_shards]
+    starts_S = jnp.cumsum(counts_S) - counts_S
+    slot_sorted_A = jnp.arange(order_A.shape[0]) - starts_S[jnp.minimum(destination_sorted_A, num_shards - 1)]
+    token_sorted_A = order_A // num_selected
+
+    # Dropped assignments have destination == num_shards: out of bounds, so the scatter skips them.
+    send_x = jnp.zeros((num_shards, slots_per_shard, x_TD.shape[-1]), x_TD.dtype)
+    send_x = send_x.at[destination_sorted_A, slot_sorted_A].set(x_TD[token_sorted_A], mode="drop")
+    send_expert = jnp.full((num_shards, slots_per_shard), -1, jnp.int32)
+    send_expert = send_expert.at[destination_sorted_A, slot_sorted_A].set(
+        expert_A[order_A] % experts_local, mode="drop")
+
+    recv_x = jax.lax.all_to_all(send_x, expert_axes, 0, 0, tiled=True)
+    recv_expert = jax.lax.all_to_all(send_expert, expert_axes, 0, 0, tiled=True)
+    out = grouped_experts(recv_x.reshape(-1, recv_x.shape[-1]), recv_expert.reshape(-1),
+                          gate_EDF, up_EDF, down_EFD)
+    back = jax.lax.all_to_all(out.reshape(send_x.shape), expert_axes, 0, 0, tiled=True)
+
+    out_sorted_AD = back.at[destination_sorted_A, slot_sorted_A].get(mode="fill", fill_value=0)
+    out_AD = jnp.zeros_like(out_sorted_AD).at[order_A].set(out_sorted_AD, unique_indices=True)
+    out_TKD = out_AD.reshape(num_tokens, num_selected, -1)
+    weights_TK = jnp.where(keep_TK, weights_TK, 0).astype(out_TKD.dtype)
+    return jnp.einsum("tkd,tk->td", out_TKD, weights_TK)
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _active_mesh_and_rules():
+    # rules.py exposes only active_mesh(); the rules table is needed to place the expert weights.
+    current = sharding_rules._ACTIVE.get()
+    if current is None:
+        raise RuntimeError("sharded_moe needs an active rules.sharding_context")
+    return current
+
+
+def sharded_moe(x_BLD, experts_BLK, weights_BLK, keep_BLK, gate_EDF, up_EDF, down_EFD, *,
+                capacity: int | None) -> jax.Array:
+    """Run the experts under the active mesh with shard_map (all-to-all when experts are sharded)."""
+    mesh, rules = _active_mesh_and_rules()
+    token_spec = sharding_rules.logical_to_spec(("act_batch", "act_length", None), rules, mesh,
+                                                x_BLD.shape, "moe tokens")
+    up_spec = sharding_rules.logical_to_spec(("expert", None, "mlp"), rules, mesh, gate_EDF.shape,
+                                             "moe expert weights")
+    expert_axes = _spec_axes(up_spec[0])
+    mlp_axes = _spec_axes(up_spec[2])
+    down_spec = PartitionSpec(up_spec[0], up_spec[2], None)
+    token_axes = _spec_axes(token_spec[0]) + _spec_axes(token_spec[1])
+    if not set(expert_axes) <= set(token_axes):
+        raise ValueError(
+            f"mesh.rules: expert weights are sharded over {expert_axes}, so tokens must be too, but "
+            f"act_batch/act_length shard them over {token_axes}; add the expert axis to mesh.rules.act_batch"
+        )
+    if set(mlp_axes) & set(token_axes):
+        raise ValueError(f"mesh.rules: mlp axes {mlp_axes} of the experts also shard the tokens {token_axes}")
+    num_shards = math.prod(mesh.shape[a] for a in expert_axes)
+    batch, length, num_selected = experts_BLK.shape
+    tokens_per_shard = batch * length // math.prod(mesh.shape[a] for a in token_axes)
+    experts_local = gate_EDF.shape[0] // num_shards
+    slots = tokens_per_shard * num_selected  # dropless: everything could go to one shard
+    if capacity is not None:
+        slots = min(slots, capacity * experts_local)
+
+    def body(x, experts, weights, keep, gate, up, down):
+        b, l, d = x.shape
+        flat = lambda a: a.reshape(b * l, *a.shape[2:])
+        if num_shards == 1:
+            out = local_moe(flat(x), flat(experts), flat(weights), flat(keep), gate, up, down)
+        else:
+            out = expert_parallel_moe(flat(x), flat(experts), flat(weights), flat(keep), gate, up, down,
+                                      expert_axes=expert_axes, num_shards=num_shards, slots_per_shard=slots)
+        if mlp_axes:  # each tensor shard computed a slice of the hidden units: partial sums
+            out = jax.lax.psum(out, mlp_axes)
+        return out.reshape(b, l, d)
+
+    return jax.shard_map(
+        body, mesh=mesh,
+        in_specs=(token_spec, token_spec, token_spec, token_spec, up_spec, up_spec, down_spec),
+        out_specs=token_spec,
+    )(x_BLD, experts_BLK, weights_BLK, keep_BLK, gate_EDF, up_EDF, down_EFD)
+
+
+# --------------------------------------------------------------------------------------- modules
+
+
+class MoEMLP(nnx.Module):
+    """Routed SwiGLU experts (+ optional always-on shared experts); returns (out_BLD, aux)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        validate_moe_config(cfg)
+        self.dtype = compute_dtype(cfg)
+        self.num_experts = cfg.num_experts
+        self.num_selected = cfg.num_experts_per_token
+        self.softmax_before_topk = cfg.router_softmax_before_topk
+        self.renormalize = cfg.router_renormalize
+        self.capacity_factor = cfg.capacity_factor
+        experts, d_model, width = cfg.num_experts, cfg.d_model, cfg.expert_mlp_dim
+        out_std = output_init_std(cfg)
+        self.router = param(rngs, normal(cfg.init_std), (d_model, experts), ("embed", None))
+        self.gate = param(rngs, normal(cfg.init_std), (experts, d_model, width), ("expert", "embed", "mlp"))
+        self.up = param(rngs, normal(cfg.init_std), (experts, d_model, width), ("expert", "embed", "mlp"))
+        self.down = param(rngs, normal(out_std), (experts, width, d_model), ("expert", "mlp", "embed"))
+        self.shared: SwiGLU | None = None
+        if cfg.num_shared_experts:
+            self.shared = SwiGLU(d_model, cfg.num_shared_experts * width, init_std=cfg.init_std,
+                                 out_init_std=out_std, dtype=self.dtype, rngs=rngs)
+
+    def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        batch, length, d_model = x_BLD.shape
+        x = x_BLD.astype(self.dtype)
+        # Router in fp32: small logit differences decide the expert.
+        logits_BLE = jnp.einsum("bld,de->ble", x.astype(jnp.float32), self.router[...])
+        logits_TE = logits_BLE.reshape(batch * length, self.num_experts)
+        weights_TK, experts_TK, probs_TE = route(logits_TE, self.num_selected, self.softmax_before_topk,
+                                                 self.renormalize)
+        capacity = None
+        keep_TK = jnp.ones(experts_TK.shape, bool)
+        if self.capacity_factor > 0:
+            capacity = expert_capacity(batch * length, self.num_selected, self.num_experts,
+                                       self.capacity_factor)
+            keep_TK = capacity_keep_mask(experts_TK, self.num_experts, capacity)
+        gate, up, down = (w[...].astype(self.dtype) for w in (self.gate, self.up, self.down))
+        to_BLK = lambda a: a.reshape(batch, length, self.num_selected)
+        if sharding_rules.active_mesh() is None:
+            out = local_moe(x.reshape(-1, d_model), experts_TK, weights_TK, keep_TK, gate, up, down)
+            out_BLD = out.reshape(batch, length, d_model)
+        else:
+            out_BLD = sharded_moe(x, to_BLK(experts_TK), to_BLK(weights_TK), to_BLK(keep_TK), gate, up, down,
+                                  capacity=capacity)
+        out_BLD = constrain(out_BLD.astype(self.dtype), ("act_batch", "act_length", "act_embed"))
+        if self.shared is not None:
+            out_BLD = out_BLD + self.shared(x)
+        kept_per_expert = jnp.sum(jax.nn.one_hot(jnp.where(keep_TK, experts_TK, -1), self.num_experts,
+                                                 dtype=jnp.float32), axis=(0, 1))
+        aux = {
+            "load_balance_loss": load_balance_loss(probs_TE, experts_TK),
+            "router_z_loss": router_z_loss(logits_TE),
+            "tokens_per_expert": kept_per_expert,
+            "dropped_fraction": 1.0 - jnp.mean(keep_TK.astype(jnp.float32)),
+        }
+        return out_BLD, aux
+
+
+class MoEBlock(nnx.Module):
+    """Pre-norm block like DenseBlock (same attn_norm / attn / mlp_norm names) with an MoE MLP."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.attn = make_attention(cfg, qk_norm="shared" if cfg.qk_norm else "none", rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.mlp = MoEMLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BLD, segment_ids_BL, positions_BL, block_index):
+        del block_index  # every MoE layer is the same
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL)
+        mlp_out_BLD, aux = self.mlp(self.mlp_norm(x_BLD))
+        return x_BLD + mlp_out_BLD, aux

@@ -1,0 +1,84 @@
+"""Device mesh from the `mesh` config section, and multi-process start-up."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+
+from plamo_jax.parallel.rules import MESH_AXES
+
+
+class MeshConfigError(ValueError):
+    pass
+
+
+def resolve_axis_sizes(
+    mesh_cfg: ml_collections.ConfigDict, num_devices: int
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(ICI sizes, DCN sizes) per axis; at most one ICI size may be -1 and takes what remains."""
+    dcn = {axis: int(mesh_cfg.get(f"dcn_{axis}", 1)) for axis in MESH_AXES}
+    ici = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
+    for axis, size in list(ici.items()) + [(f"dcn_{a}", s) for a, s in dcn.items()]:
+        if size == 0 or size < -1:
+            raise MeshConfigError(f"config key mesh.{axis}={size}: expected a positive size or -1")
+    fill = [axis for axis, size in ici.items() if size == -1]
+    if len(fill) > 1:
+        raise MeshConfigError(f"config keys mesh.{', mesh.'.join(fill)} are all -1: at most one axis may be -1")
+    known = math.prod(s for s in ici.values() if s != -1) * math.prod(dcn.values())
+    if fill:
+        if num_devices % known:
+            raise MeshConfigError(
+                f"config key mesh.{fill[0]}=-1: the other mesh axes multiply to {known}, which does not "
+                f"divide the {num_devices} devices"
+            )
+        ici[fill[0]] = num_devices // known
+    total = math.prod(ici.values()) * math.prod(dcn.values())
+    if total != num_devices:
+        sizes = ", ".join(f"{a}={ici[a] * dcn[a]}" for a in MESH_AXES)
+        raise MeshConfigError(
+            f"config section mesh ({sizes}) has {total} devices but {num_devices} are available; "
+            "expected the product of mesh sizes to equal the device count"
+        )
+    return ici, dcn
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, expert, sequence, tensor); tensor is innermost (fastest links)."""
+    devices = list(devices if devices is not None else jax.devices())
+    ici, dcn = resolve_axis_sizes(mesh_cfg, len(devices))
+    ici_shape = [ici[a] for a in MESH_AXES]
+    dcn_shape = [dcn[a] for a in MESH_AXES]
+    if math.prod(dcn_shape) > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
+    else:
+        try:
+            grid = mesh_utils.create_device_mesh(ici_shape, devices=devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            # Topology-aware placement only knows some platforms (e.g. not simulated CPU devices).
+            grid = np.array(devices).reshape(ici_shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def maybe_initialize_distributed() -> None:
+    """Start jax.distributed when launched as one of several processes.
+
+    Reads PLAMO_COORDINATOR (host:port), PLAMO_NUM_PROCESSES, PLAMO_PROCESS_ID (set by the local launcher,
+    SLURM or TPU scripts); cluster auto-detection (SLURM, TPU VMs) handles the rest when PLAMO_DISTRIBUTED=auto.
+    """
+    if os.environ.get("PLAMO_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+        return
+    coordinator = os.environ.get("PLAMO_COORDINATOR")
+    if not coordinator:
+        return
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=int(os.environ["PLAMO_NUM_PROCESSES"]),
+        process_id=int(os.environ["PLAMO_PROCESS_ID"]),
+    )

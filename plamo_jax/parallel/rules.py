@@ -1,0 +1,154 @@
+"""Logical axis names -> mesh axes.
+
+Every parameter and activation dimension carries a logical name; this module is the only place
+that turns those names into mesh axes. Modules call `constrain(x, names)`; the trainer activates
+a mesh and a rules table with `sharding_context`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+
+# Parameters use plain names; activations use `act_*` names so that, e.g., the model dimension of
+# a weight can be FSDP-sharded while the model dimension of an activation stays whole.
+DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
+    # parameters
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+    "expert": ("expert",),
+    "ssm_heads": ("tensor",),
+    "ssm_inner": ("tensor",),
+    "ssm_state": None,
+    "conv": None,
+    # activations
+    "act_batch": ("data", "fsdp", "expert"),
+    "act_length": ("sequence",),
+    "act_embed": None,
+    "act_heads": ("tensor",),
+    "act_kv_heads": ("tensor",),
+    "act_head_dim": None,
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+    "act_expert": ("expert",),
+    "act_ssm_heads": ("tensor",),
+}
+
+Rules = Mapping[str, tuple[str, ...] | None]
+LogicalAxes = Sequence[str | None]
+
+
+class ShardingError(ValueError):
+    """A tensor cannot be laid out on the mesh as the rules ask."""
+
+
+def merge_rules(overrides: Mapping[str, Any] | None) -> dict[str, tuple[str, ...] | None]:
+    """Default rules with config overrides applied (a str, a list of str, or None per name)."""
+    rules = dict(DEFAULT_RULES)
+    for name, value in (overrides or {}).items():
+        if value is None or value == "" or value == ():
+            rules[name] = None
+        elif isinstance(value, str):
+            rules[name] = (value,)
+        else:
+            rules[name] = tuple(value)
+        for axis in rules[name] or ():
+            if axis not in MESH_AXES:
+                raise ShardingError(
+                    f"config key mesh.rules.{name}: mesh axis {axis!r} is unknown; "
+                    f"expected some of {MESH_AXES}"
+                )
+    return rules
+
+
+def logical_to_spec(
+    logical_axes: LogicalAxes | None,
+    rules: Rules,
+    mesh: Mesh,
+    shape: Sequence[int] | None = None,
+    what: str = "tensor",
+) -> PartitionSpec:
+    """PartitionSpec for a tensor with the given logical axes.
+
+    Mesh axes of size 1 are dropped (they shard nothing), a mesh axis already used by an earlier
+    dimension is not reused, and, when `shape` is given, every sharded dimension must divide evenly.
+    """
+    if logical_axes is None:
+        return PartitionSpec()
+    used: set[str] = set()
+    spec: list[Any] = []
+    for dim, name in enumerate(logical_axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise ShardingError(f"{what}: logical axis {name!r} has no rule; known: {sorted(rules)}")
+        axes = tuple(a for a in (rules[name] or ()) if mesh.shape.get(a, 1) > 1 and a not in used)
+        if shape is not None and axes:
+            size = math.prod(mesh.shape[a] for a in axes)
+            if shape[dim] % size:
+                raise ShardingError(
+                    f"{what}: dimension {dim} ({name!r}) has size {shape[dim]}, which is not "
+                    f"divisible by mesh axes {axes} of total size {size}"
+                )
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(
+    abstract_tree: Any, logical_tree: Any, rules: Rules, mesh: Mesh
+) -> Any:
+    """NamedShardings for a pytree of arrays given a matching pytree of logical axis tuples."""
+
+    def one(path, leaf, axes):
+        spec = logical_to_spec(axes, rules, mesh, getattr(leaf, "shape", None), jax.tree_util.keystr(path))
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(
+        one, abstract_tree, logical_tree, is_leaf=lambda x: x is None
+    )
+
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "plamo_jax_sharding", default=None
+)
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Activate a mesh and rules for `constrain` while tracing."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_mesh() -> Mesh | None:
+    current = _ACTIVE.get()
+    return None if current is None else current[0]
+
+
+def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside `sharding_context`."""
+    current = _ACTIVE.get()
+    if current is None:
+        return x
+    mesh, rules = current
+    spec = logical_to_spec(logical_axes, rules, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -1,0 +1,58 @@
+"""Model FLOPs per token (training = 3 x forward) and peak device FLOP/s for MFU.
+
+Matmul FLOPs count 2 per multiply-add. Attention score and value products are counted over the keys
+each query may see: causal masking halves them; a sliding window caps them.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
+PEAK_FLOPS_BY_DEVICE_KIND = {
+    "h100": 989e12,
+    "h200": 989e12,
+    "a100": 312e12,
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,  # v5e reports itself as "TPU v5 lite"
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,  # v6e (Trillium)
+    "tpu v6e": 918e12,
+}
+
+
+def peak_flops_per_device(configured: float = 0.0, device: jax.Device | None = None) -> float | None:
+    """The configured peak if set, else the table's entry for this device kind (None if unknown)."""
+    if configured > 0:
+        return configured
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    for name in sorted(PEAK_FLOPS_BY_DEVICE_KIND, key=len, reverse=True):
+        if name in kind:
+            return PEAK_FLOPS_BY_DEVICE_KIND[name]
+    return None
+
+
+def mean_attended_keys(seq_len: int, window: int = 0) -> float:
+    """Average number of keys a query attends to under causal (and optional window) masking."""
+    if window <= 0 or window >= seq_len:
+        return (seq_len + 1) / 2
+    # positions 0..window-1 see pos+1 keys; the rest see `window` keys
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
+def forward_flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Forward FLOPs per token for the dense family; other families add their mixers here."""
+    d, heads, kv_heads, head_dim = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    attn_proj = 2 * d * head_dim * (2 * heads + 2 * kv_heads)  # q, o and k, v
+    attn_scores = 2 * 2 * heads * head_dim * mean_attended_keys(seq_len, cfg.attention_window)
+    mlp = 2 * 3 * d * cfg.mlp_dim
+    lm_head = 2 * d * cfg.vocab_size
+    return cfg.num_layers * (attn_proj + attn_scores + mlp) + lm_head
+
+
+def train_flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Forward + backward (2 x forward) model FLOPs; rematerialisation is not counted (MFU, not HFU)."""
+    return 3 * forward_flops_per_token(cfg, seq_len)

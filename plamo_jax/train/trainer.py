@@ -1,0 +1,156 @@
+"""The training loop: mesh, sharded state, data, jitted step, metrics, checkpoints, preemption."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from plamo_jax.configuration import mesh_rules, validate_config
+from plamo_jax.data.pipeline import make_train_iterator
+from plamo_jax.parallel.mesh import make_mesh
+from plamo_jax.parallel.rules import sharding_context
+from plamo_jax.train import flops as flops_lib
+from plamo_jax.train import state as state_lib
+from plamo_jax.train.checkpoint import Checkpointer
+from plamo_jax.train.metrics import MetricsWriter, Progress, flatten_metrics
+from plamo_jax.train.optimizer import make_optimizer
+from plamo_jax.train.step import make_train_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    final_step: int
+    last_metrics: dict[str, float]
+    preempted: bool
+    state: dict
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGINT (SLURM and TPU-VM preemption) request a final checkpoint and a clean exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("received signal %s: saving a checkpoint and stopping", signal.Signals(signum).name)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def make_checkpointer(config: ml_collections.ConfigDict) -> Checkpointer | None:
+    c = config.checkpoint
+    if not c.enabled:
+        return None
+    return Checkpointer(
+        f"{config.train.output_dir}/checkpoints", every_steps=c.every_steps, every_minutes=c.every_minutes,
+        keep_last=c.keep_last, keep_every=c.keep_every, async_save=c.async_save,
+    )
+
+
+def train(config: ml_collections.ConfigDict) -> TrainResult:
+    t = config.train
+    validate_config(config, jax.device_count())
+    mesh = make_mesh(config.mesh)
+    rules = mesh_rules(config)
+    setup = state_lib.setup_model(config.model, mesh, rules)
+    optimizer = make_optimizer(config.optimizer, t.steps)
+    is_main = jax.process_index() == 0
+    data = make_train_iterator(config.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                               seed=t.seed, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+    checkpointer = make_checkpointer(config)
+
+    state = None
+    if checkpointer is not None:
+        restored = checkpointer.restore_latest(state_lib.abstract_state(setup, optimizer))
+        if restored is not None:
+            state, data_state = restored
+            data.set_state(data_state)
+    if state is None:
+        state = state_lib.init_state(config.model, setup, optimizer, t.seed)
+    start_step = int(state["step"])
+
+    shardings = state_lib.state_shardings(setup, optimizer)
+    batch_sharding = state_lib.batch_sharding(mesh, rules)
+    step_fn = jax.jit(
+        make_train_step(setup.graphdef, optimizer, config.model, z_loss=t.z_loss,
+                        num_microbatches=t.microbatches),
+        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0,
+    )
+
+    num_params = state_lib.parameter_count(setup.abstract_params)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    flops_per_token = flops_lib.train_flops_per_token(config.model, t.seq_len)
+    peak = flops_lib.peak_flops_per_device(t.peak_flops_per_device)
+    if is_main:
+        log.info("model: %s parameters; mesh %s; %d tokens/step; %.3g FLOPs/token", f"{num_params:,}",
+                 dict(mesh.shape), tokens_per_step, flops_per_token)
+
+    writer = MetricsWriter(t.output_dir, enabled=is_main)
+    progress = Progress(start_step, t.steps, enabled=is_main)
+    pending: list[tuple[int, dict]] = []
+    last_metrics: dict[str, float] = {}
+    interval_start, interval_steps = time.perf_counter(), 0
+    preempted = False
+
+    def flush_metrics() -> None:
+        nonlocal last_metrics, interval_start, interval_steps
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        elapsed = time.perf_counter() - interval_start
+        tokens_per_second = interval_steps * tokens_per_step / elapsed
+        throughput = {"perf/tokens_per_second": tokens_per_second,
+                      "perf/step_seconds": elapsed / interval_steps}
+        if peak:
+            throughput["perf/mfu"] = tokens_per_second * flops_per_token / (jax.device_count() * peak)
+        for (step, _), values in zip(pending, fetched, strict=True):
+            last_metrics = flatten_metrics(values)
+            writer.write(step, last_metrics | (throughput if step == pending[-1][0] else {}))
+        progress.update(len(pending), loss=f"{last_metrics['loss']:.4f}",
+                        tok_s=f"{tokens_per_second:,.0f}",
+                        **({"mfu": f"{throughput['perf/mfu']:.1%}"} if peak else {}))
+        pending.clear()
+        interval_start, interval_steps = time.perf_counter(), 0
+
+    with PreemptionFlag() as preemption, sharding_context(mesh, rules):
+        for step in range(start_step, t.steps):
+            batch = state_lib.global_batch(next(data), batch_sharding, t.global_batch_size)
+            state, metrics = step_fn(state, batch)
+            pending.append((step + 1, metrics))
+            interval_steps += 1
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                flush_metrics()
+            if checkpointer is not None:
+                force = preemption.requested or step + 1 == t.steps
+                if checkpointer.maybe_save(step + 1, state, data.get_state(), config.to_json(), force=force):
+                    flush_metrics()
+            if preemption.requested:
+                preempted = True
+                break
+        flush_metrics()
+    if checkpointer is not None:
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+    progress.close()
+    writer.close()
+    return TrainResult(int(state["step"]), last_metrics, preempted, state)

@@ -1,0 +1,50 @@
+"""Small shared builders for tests."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from plamo_jax.configuration import default_config
+from plamo_jax.parallel.rules import MESH_AXES
+
+
+def small_config(**model_overrides):
+    """A dense config small enough for CPU tests; heads/kv heads/vocab divide a tensor axis of 4."""
+    config = default_config()
+    m = config.model
+    m.vocab_size, m.d_model, m.num_layers = 256, 64, 2
+    m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 8, 4, 16, 128
+    m.qk_norm = True
+    for key, value in model_overrides.items():
+        m[key] = value
+    config.train.global_batch_size, config.train.seq_len = 8, 16
+    config.train.steps = 10
+    config.checkpoint.enabled = False
+    return config
+
+
+def mesh_of(devices=None, **sizes) -> Mesh:
+    """Mesh over the first prod(sizes) devices with the project's axis order."""
+    shape = [sizes.get(axis, 1) for axis in MESH_AXES]
+    count = int(np.prod(shape))
+    devices = (devices or jax.devices())[:count]
+    return Mesh(np.array(devices).reshape(shape), MESH_AXES)
+
+
+def random_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, max_docs: int = 3):
+    """A packed batch: random tokens, random document boundaries, positions restarting per document."""
+    input_ids = rng.integers(0, vocab, (batch, length), dtype=np.int32)
+    target_ids = rng.integers(0, vocab, (batch, length), dtype=np.int32)
+    segment_ids = np.zeros((batch, length), np.int32)
+    positions = np.zeros((batch, length), np.int32)
+    for row in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, length), size=max_docs - 1, replace=False))
+        bounds = [0, *cuts.tolist(), length]
+        for doc, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            segment_ids[row, start:end] = doc + 1
+            positions[row, start:end] = np.arange(end - start)
+    loss_mask = (rng.random((batch, length)) > 0.1).astype(np.float32)
+    return {"input_ids": input_ids, "target_ids": target_ids, "segment_ids": segment_ids,
+            "positions": positions, "loss_mask": loss_mask}

@@ -1,0 +1,76 @@
+"""One training step on 8 simulated devices equals the single-device step, for every mesh layout."""
+
+import jax
+import numpy as np
+import pytest
+from helpers import mesh_of, random_batch, small_config
+
+from plamo_jax.configuration import mesh_rules
+from plamo_jax.parallel.rules import sharding_context
+from plamo_jax.train import state as state_lib
+from plamo_jax.train.optimizer import make_optimizer
+from plamo_jax.train.step import make_train_step, model_loss_sums
+
+MESHES = {
+    "data=8": dict(data=8),
+    "fsdp=8": dict(fsdp=8),
+    "tensor=4,data=2": dict(tensor=4, data=2),
+    "sequence=2,fsdp=4": dict(sequence=2, fsdp=4),
+    "data=2,fsdp=2,tensor=2": dict(data=2, fsdp=2, tensor=2),
+}
+
+
+def run_step(config, mesh, host_params, host_batch):
+    rules = mesh_rules(config)
+    setup = state_lib.setup_model(config.model, mesh, rules)
+    optimizer = make_optimizer(config.optimizer, config.train.steps)
+    shardings = state_lib.state_shardings(setup, optimizer)
+    params = jax.device_put(host_params, setup.param_shardings)
+    state = {
+        "step": jax.device_put(np.int32(0), shardings["step"]),
+        "params": params,
+        "opt_state": jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params),
+        "rng": jax.device_put(np.zeros(2, np.uint32), shardings["rng"]),
+    }
+    batch_sharding = state_lib.batch_sharding(mesh, rules)
+    batch = jax.device_put(host_batch, batch_sharding)
+
+    def loss_and_grads(params, batch):
+        objective, sums = model_loss_sums(setup.graphdef, params, batch, config.model, config.train.z_loss)
+        return objective / sums["tokens"]
+
+    with sharding_context(mesh, rules):
+        grad_fn = jax.jit(jax.value_and_grad(loss_and_grads), in_shardings=(setup.param_shardings, batch_sharding))
+        loss, grads = grad_fn(params, batch)
+        step_fn = jax.jit(make_train_step(setup.graphdef, optimizer, config.model, z_loss=config.train.z_loss,
+                                          num_microbatches=1),
+                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+        new_state, metrics = step_fn(state, batch)
+    return jax.device_get((loss, grads, new_state["params"], metrics)), (params, batch)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    config = small_config()
+    mesh = mesh_of(data=1)
+    setup = state_lib.setup_model(config.model, mesh, mesh_rules(config))
+    host_params = jax.device_get(state_lib.init_params(config.model, setup, seed=0))
+    host_batch = random_batch(np.random.default_rng(0), 8, 16, config.model.vocab_size)
+    results, _ = run_step(config, mesh, host_params, host_batch)
+    return config, host_params, host_batch, results
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_sharded_step_equals_single_device(reference, name):
+    config, host_params, host_batch, expected = reference
+    config.mesh.update({"data": 1, **MESHES[name]})
+    mesh = mesh_of(**MESHES[name])
+    (loss, grads, new_params, metrics), device_inputs = run_step(config, mesh, host_params, host_batch)
+    ref_loss, ref_grads, ref_params, ref_metrics = expected
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new_params, ref_params)
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    # The computation really was distributed: parameters and/or the batch are split across 8 devices.
+    split = [x for x in jax.tree.leaves(device_inputs) if not x.sharding.is_fully_replicated]
+    assert split and all(len(x.sharding.device_set) == 8 for x in split)
