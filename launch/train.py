@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from absl import app
+from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from plamo_jax.configuration import ConfigError
+from plamo_jax.data.errors import DataError
 from plamo_jax.parallel.mesh import maybe_initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Recipe file (get_config()).",
@@ -25,12 +27,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Recipe f
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain log every save and read at INFO
+    logging.getLogger("absl").setLevel(logging.WARNING)
     maybe_initialize_distributed()
     from plamo_jax.train.trainer import train  # after jax.distributed starts
 
     try:
         result = train(_CONFIG.value)
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"finished at step {result.final_step}: " + ", ".join(
@@ -39,5 +43,16 @@ def main(argv):
     return 0
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing, but a bad override (unknown key, wrong type) is one line naming it, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+        bad = [arg for arg in argv[1:] if arg.startswith("--config.")]
+        message = str(error).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip("'\" ")
+        print(f"error: bad config override {' '.join(bad) or ''}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

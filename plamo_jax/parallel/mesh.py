@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 
 import jax
 import ml_collections
@@ -77,8 +78,16 @@ def maybe_initialize_distributed() -> None:
     coordinator = os.environ.get("PLAMO_COORDINATOR")
     if not coordinator:
         return
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=int(os.environ["PLAMO_NUM_PROCESSES"]),
         process_id=int(os.environ["PLAMO_PROCESS_ID"]),
     )
+
+
+def free_local_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -11,8 +11,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from plamo_jax.configuration import mesh_rules, validate_config
-from plamo_jax.data.pipeline import make_train_iterator
+from plamo_jax.configuration import ConfigError, mesh_rules, validate_config
+from plamo_jax.data.pipeline import make_train_iterator, validate_data_config
 from plamo_jax.parallel.mesh import make_mesh
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import flops as flops_lib
@@ -69,6 +69,7 @@ def make_checkpointer(config: ml_collections.ConfigDict) -> Checkpointer | None:
 def train(config: ml_collections.ConfigDict) -> TrainResult:
     t = config.train
     validate_config(config, jax.device_count())
+    validate_data_config(config.data)
     mesh = make_mesh(config.mesh)
     rules = mesh_rules(config)
     setup = state_lib.setup_model(config.model, mesh, rules)
@@ -77,6 +78,11 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
     data = make_train_iterator(config.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
                                seed=t.seed, process_index=jax.process_index(),
                                process_count=jax.process_count())
+    if data.tokenizer.vocab_size > config.model.vocab_size:
+        raise ConfigError(
+            f"config key model.vocab_size={config.model.vocab_size}: expected at least the tokenizer's "
+            f"vocabulary of {data.tokenizer.vocab_size} ({config.data.tokenizer})"
+        )
     checkpointer = make_checkpointer(config)
 
     state = None

@@ -1,0 +1,89 @@
+"""Tokenized documents with random access, held in memory or memory-mapped from shard files.
+
+Documents are stored already framed (optional BOS, then the text's tokens, then EOS), so the
+packer never needs to know which tokenizer produced them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from plamo_jax.data.tokenizer import Tokenizer, encode_to_array
+
+
+class DocumentPart:
+    """One flat token array and the offsets of its documents (offsets[i]:offsets[i+1] is document i).
+
+    A part backed by a file is memory-mapped on first use and not pickled, so Grain worker
+    processes open their own maps and each process only pages in the windows it reads.
+    """
+
+    def __init__(
+        self, offsets: np.ndarray, tokens: np.ndarray | None = None, tokens_path: Path | None = None
+    ):
+        if (tokens is None) == (tokens_path is None):
+            raise ValueError("DocumentPart needs exactly one of tokens or tokens_path")
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self._tokens = tokens
+        self.tokens_path = tokens_path
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.load(self.tokens_path, mmap_mode="r")
+        return self._tokens
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.tokens_path is not None:
+            state["_tokens"] = None
+        return state
+
+
+class TokenDocuments:
+    """Random access to framed documents across parts; `lengths[i]` counts document i's tokens."""
+
+    def __init__(self, parts: list[DocumentPart]):
+        parts = [part for part in parts if part.num_documents > 0]
+        self.parts = parts
+        counts = np.array([part.num_documents for part in parts], dtype=np.int64)
+        self._part_starts = np.concatenate([[0], np.cumsum(counts)])
+        self.num_documents = int(self._part_starts[-1])
+        self.lengths = (
+            np.concatenate([np.diff(part.offsets) for part in parts]) if parts else np.zeros(0, np.int64)
+        )
+        self.total_tokens = int(self.lengths.sum())
+
+    def document(self, index: int) -> np.ndarray:
+        part_index = int(np.searchsorted(self._part_starts, index, side="right")) - 1
+        part = self.parts[part_index]
+        local = index - int(self._part_starts[part_index])
+        start, end = int(part.offsets[local]), int(part.offsets[local + 1])
+        return np.asarray(part.tokens[start:end], dtype=np.int32)
+
+
+def frame_document(token_ids: np.ndarray, tokenizer: Tokenizer, add_bos: bool) -> np.ndarray:
+    pieces = [np.asarray(token_ids, dtype=np.int32), np.array([tokenizer.eos_id], np.int32)]
+    if add_bos:
+        pieces.insert(0, np.array([tokenizer.bos_id], np.int32))
+    return np.concatenate(pieces)
+
+
+def documents_from_texts(texts: Iterable[str], tokenizer: Tokenizer, add_bos: bool) -> TokenDocuments:
+    """Tokenize and frame texts in memory (for small corpora; big ones go through tokenize_corpus)."""
+    framed = [frame_document(encode_to_array(tokenizer, text), tokenizer, add_bos) for text in texts]
+    return documents_from_token_lists(framed)
+
+
+def documents_from_token_lists(framed: list[np.ndarray]) -> TokenDocuments:
+    if not framed:
+        return TokenDocuments([])
+    offsets = np.concatenate([[0], np.cumsum([len(doc) for doc in framed])])
+    return TokenDocuments([DocumentPart(offsets, tokens=np.concatenate(framed).astype(np.int32))])

@@ -1,0 +1,148 @@
+"""Rows of packed training windows as a pure function of (seed, row index): random access, no state.
+
+Each epoch visits the documents in a seeded permutation. In `concat` packing the framed documents
+of consecutive epochs form one endless token stream; row k is the window of seq_len + 1 tokens that
+starts at stream position k * seq_len (windows overlap by one token, so every token is an input
+exactly once and every next-token pair is a target exactly once per epoch). In `pad` packing a
+row never holds two documents: document d fills ceil((len_d - 1) / seq_len) rows and the last is
+padded.
+
+Positions count from 0 at each document start and also at the first token of a row that
+continues a document from the previous row (attention never sees across rows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from plamo_jax.data.documents import TokenDocuments
+from plamo_jax.data.errors import DataError
+from plamo_jax.data.lru import LruCache
+
+PACKING_CHOICES = ("concat", "pad")
+_EPOCH_CACHE_SIZE = 3
+
+
+def _row_arrays(
+    window: np.ndarray, document_ids: np.ndarray, seq_len: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    """Batch fields from a window of up to seq_len + 1 tokens and the document each token belongs to."""
+    real = len(window) - 1
+    input_ids = np.full(seq_len, pad_id, np.int32)
+    target_ids = np.full(seq_len, pad_id, np.int32)
+    segment_ids = np.zeros(seq_len, np.int32)
+    positions = np.zeros(seq_len, np.int32)
+    loss_mask = np.zeros(seq_len, np.float32)
+    if real > 0:
+        input_docs = document_ids[:-1]
+        input_ids[:real] = window[:-1]
+        target_ids[:real] = window[1:]
+        loss_mask[:real] = input_docs == document_ids[1:]
+        starts = np.concatenate([[True], input_docs[1:] != input_docs[:-1]])
+        segment_ids[:real] = np.cumsum(starts)
+        start_index = np.flatnonzero(starts)
+        positions[:real] = np.arange(real) - start_index[segment_ids[:real] - 1]
+    return {
+        "input_ids": input_ids,
+        "target_ids": target_ids,
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "loss_mask": loss_mask,
+    }
+
+
+class PackedRows:
+    """Row `index` of one corpus; depends only on (documents, seq_len, seed, stream_id, options, index)."""
+
+    def __init__(
+        self,
+        documents: TokenDocuments,
+        *,
+        seq_len: int,
+        seed: int,
+        stream_id: int = 0,
+        shuffle: bool = True,
+        packing: str = "concat",
+        pad_id: int = 0,
+    ):
+        if documents.num_documents == 0:
+            raise DataError("the corpus has no documents to pack (every record was empty or skipped?)")
+        if packing not in PACKING_CHOICES:
+            raise DataError(f"data.packing={packing!r}; expected one of {PACKING_CHOICES}")
+        if seq_len < 1:
+            raise DataError(f"train.seq_len={seq_len}; expected >= 1")
+        if np.any(documents.lengths < 2):
+            raise DataError("a framed document has fewer than 2 tokens; documents must be framed with EOS")
+        self.documents = documents
+        self.seq_len = seq_len
+        self.seed = seed
+        self.stream_id = stream_id
+        self.shuffle = shuffle
+        self.packing = packing
+        self.pad_id = pad_id
+        # Rows a document fills in `pad` packing; its len - 1 (input, target) pairs, seq_len per row.
+        self._rows_per_document = np.maximum(1, -(-(documents.lengths - 1) // seq_len))
+        self._epoch_cache = LruCache(_EPOCH_CACHE_SIZE)
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        return self.documents.total_tokens
+
+    @property
+    def rows_per_epoch(self) -> float:
+        """Rows that cover one epoch (fractional in concat packing, where rows cross epochs)."""
+        if self.packing == "concat":
+            return self.tokens_per_epoch / self.seq_len
+        return float(self._rows_per_document.sum())
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's document order and where each document starts (in tokens or rows)."""
+        return self._epoch_cache.get_or_compute(epoch, self._compute_epoch_order)
+
+    def _compute_epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        count = self.documents.num_documents
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.stream_id, epoch]).permutation(count)
+        else:
+            order = np.arange(count)
+        sizes = self.documents.lengths if self.packing == "concat" else self._rows_per_document
+        starts = np.concatenate([[0], np.cumsum(sizes[order])[:-1]]).astype(np.int64)
+        return order, starts
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if index < 0:
+            raise IndexError(f"row index {index} < 0")
+        if self.packing == "concat":
+            return self._concat_row(index)
+        return self._pad_row(index)
+
+    def _concat_row(self, index: int) -> dict[str, np.ndarray]:
+        epoch_tokens = self.tokens_per_epoch
+        count = self.documents.num_documents
+        position = index * self.seq_len
+        needed = self.seq_len + 1
+        pieces, owners = [], []
+        while needed > 0:
+            epoch, offset = divmod(position, epoch_tokens)
+            order, starts = self._epoch_order(epoch)
+            slot = int(np.searchsorted(starts, offset, side="right")) - 1
+            document = self.documents.document(int(order[slot]))
+            within = offset - int(starts[slot])
+            piece = document[within : within + needed]
+            pieces.append(piece)
+            # A document's identity is its slot in the endless stream, so a document met again in a
+            # later epoch (or twice in one row of a tiny corpus) is still a new segment.
+            owners.append(np.full(len(piece), epoch * count + slot, np.int64))
+            position += len(piece)
+            needed -= len(piece)
+        return _row_arrays(np.concatenate(pieces), np.concatenate(owners), self.seq_len, self.pad_id)
+
+    def _pad_row(self, index: int) -> dict[str, np.ndarray]:
+        epoch, within_epoch = divmod(index, int(self._rows_per_document.sum()))
+        order, starts = self._epoch_order(epoch)
+        slot = int(np.searchsorted(starts, within_epoch, side="right")) - 1
+        piece_index = within_epoch - int(starts[slot])
+        document = self.documents.document(int(order[slot]))
+        begin = piece_index * self.seq_len
+        window = document[begin : begin + self.seq_len + 1]
+        return _row_arrays(window, np.zeros(len(window), np.int64), self.seq_len, self.pad_id)

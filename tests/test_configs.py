@@ -1,0 +1,72 @@
+"""Recipes build abstractly with the published sizes; configs that cannot work fail at start, clearly."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import small_config
+
+from plamo_jax.configuration import ConfigError, validate_config
+from plamo_jax.train.state import abstract_model, parameter_count
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def count(name: str) -> int:
+    return parameter_count(abstract_model(load_recipe(name).model)[1])
+
+
+def test_llama3_8b_parameter_count_is_published_value():
+    assert count("llama3_8b") == 8_030_261_248
+
+
+def test_other_recipes_build():
+    assert 95e6 < count("dense_100m") < 115e6
+    assert 95e9 < count("plamo_100b_like") < 105e9
+    assert count("tiny") < 2e6
+
+
+@pytest.mark.parametrize("recipe", ["base", "tiny", "dense_100m", "llama3_8b", "plamo_100b_like"])
+def test_recipes_validate_on_some_device_count(recipe):
+    config = load_recipe(recipe)
+    validate_config(config, 8 if recipe in ("llama3_8b", "plamo_100b_like") else 1)
+
+
+@pytest.mark.parametrize("change, devices, key", [
+    ({"mesh.tensor": 3, "mesh.data": 1, "model.num_heads": 8}, 3, "model.num_heads"),
+    ({"mesh.tensor": 4, "mesh.data": 2, "model.num_kv_heads": 2, "model.num_heads": 8}, 8, "model.num_kv_heads"),
+    ({"mesh.data": 4}, 8, "mesh"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, 8, "mesh.data"),
+    ({"mesh.data": 8, "train.global_batch_size": 12}, 8, "train.global_batch_size"),
+    ({"train.microbatches": 3}, 1, "train.global_batch_size"),
+    ({"mesh.sequence": 2, "mesh.data": 4, "train.seq_len": 15}, 8, "train.seq_len"),
+    ({"model.remat": "some"}, 1, "model.remat"),
+    ({"optimizer.schedule": "linear"}, 1, "optimizer.schedule"),
+])
+def test_bad_configs_name_the_key(change, devices, key):
+    config = small_config()
+    for dotted, value in change.items():
+        section, field = dotted.split(".")
+        config[section][field] = value
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(config, devices)
+
+
+def test_unknown_override_key_fails_at_start(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "launch/train.py", "--config", "configs/tiny.py", "--config.train.stpes=3",
+         f"--config.train.output_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "stpes" in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
