@@ -21,7 +21,9 @@ TRAIN = Path(__file__).resolve().parent / "train.py"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--devices-per-process", type=int, default=4)
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments for launch/train.py after --")
@@ -30,9 +32,14 @@ def main() -> int:
     coordinator = f"127.0.0.1:{free_local_port()}"
     children = []
     for process_id in range(args.processes):
-        env = dict(os.environ, PLAMO_COORDINATOR=coordinator, PLAMO_NUM_PROCESSES=str(args.processes),
-                   PLAMO_PROCESS_ID=str(process_id), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}")
+        env = dict(
+            os.environ,
+            PLAMO_COORDINATOR=coordinator,
+            PLAMO_NUM_PROCESSES=str(args.processes),
+            PLAMO_PROCESS_ID=str(process_id),
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}",
+        )
         children.append(subprocess.Popen([sys.executable, str(TRAIN), *train_args], env=env))
     codes = [child.wait() for child in children]
     failed = [(i, c) for i, c in enumerate(codes) if c != 0]

@@ -20,8 +20,9 @@ from plamo_jax.configuration import ConfigError
 from plamo_jax.data.errors import DataError
 from plamo_jax.parallel.mesh import maybe_initialize_distributed
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Recipe file (get_config()).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/tiny.py", "Recipe file (get_config()).", lock_config=True
+)
 
 
 def main(argv):
@@ -37,9 +38,14 @@ def main(argv):
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"finished at step {result.final_step}: " + ", ".join(
-        f"{k}={result.last_metrics[k]:.4f}" for k in ("loss", "cross_entropy", "accuracy")
-        if k in result.last_metrics))
+    print(
+        f"finished at step {result.final_step}: "
+        + ", ".join(
+            f"{k}={result.last_metrics[k]:.4f}"
+            for k in ("loss", "cross_entropy", "accuracy")
+            if k in result.last_metrics
+        )
+    )
     return 0
 
 

@@ -37,6 +37,7 @@ def _model_defaults() -> ml_collections.ConfigDict:
     m.init_std = 0.02
     m.dtype = "float32"  # compute dtype; parameters are always fp32
     m.remat = "none"  # none | save_dots | full
+    m.scan_unroll = 1  # layers per scan iteration; 1 keeps compile time flat in depth
     # hybrid (PLaMo 2 / Samba)
     m.mamba_step = 2
     m.ssm_num_heads = 4
@@ -141,7 +142,9 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def mesh_rules(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...] | None]:
     """The logical-axis rules table with the config's `mesh.rules` entries applied."""
-    overrides = {name: tuple(a for a in str(value).split(",") if a) for name, value in config.mesh.rules.items()}
+    overrides = {
+        name: tuple(a for a in str(value).split(",") if a) for name, value in config.mesh.rules.items()
+    }
     return merge_rules(overrides)
 
 
@@ -160,29 +163,63 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     size = {axis: ici[axis] * dcn[axis] for axis in ici}
     _require(m.family in FAMILIES, "model.family", m.family, f"one of {sorted(FAMILIES)}")
     _require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {sorted(REMAT_POLICIES)}")
-    _require(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", m.dtype,
-             "float32, bfloat16 or float16")
+    _require(
+        m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", m.dtype, "float32, bfloat16 or float16"
+    )
     for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
         _require(m[key] > 0, f"model.{key}", m[key], "a positive integer")
-    _require(m.num_heads % m.num_kv_heads == 0, "model.num_heads", m.num_heads,
-             f"a multiple of model.num_kv_heads={m.num_kv_heads}")
+    _require(m.scan_unroll >= 1, "model.scan_unroll", m.scan_unroll, "an integer >= 1")
+    _require(
+        m.num_heads % m.num_kv_heads == 0,
+        "model.num_heads",
+        m.num_heads,
+        f"a multiple of model.num_kv_heads={m.num_kv_heads}",
+    )
     _require(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "an even number (rotary embeddings)")
     tensor = size["tensor"]
     for key in ("num_heads", "num_kv_heads", "vocab_size", "mlp_dim"):
-        _require(m[key] % tensor == 0, f"model.{key}", m[key],
-                 f"divisible by the tensor-parallel mesh size mesh.tensor={tensor}")
-    _require(m.d_model % size["fsdp"] == 0, "model.d_model", m.d_model,
-             f"divisible by the FSDP mesh size {size['fsdp']}")
-    _require(t.global_batch_size % t.microbatches == 0, "train.global_batch_size", t.global_batch_size,
-             f"divisible by train.microbatches={t.microbatches}")
+        _require(
+            m[key] % tensor == 0,
+            f"model.{key}",
+            m[key],
+            f"divisible by the tensor-parallel mesh size mesh.tensor={tensor}",
+        )
+    _require(
+        m.d_model % size["fsdp"] == 0,
+        "model.d_model",
+        m.d_model,
+        f"divisible by the FSDP mesh size {size['fsdp']}",
+    )
+    _require(
+        t.global_batch_size % t.microbatches == 0,
+        "train.global_batch_size",
+        t.global_batch_size,
+        f"divisible by train.microbatches={t.microbatches}",
+    )
     batch_shards = size["data"] * size["fsdp"] * size["expert"]
     microbatch = t.global_batch_size // t.microbatches
-    _require(microbatch % batch_shards == 0, "train.global_batch_size", t.global_batch_size,
-             f"a microbatch ({microbatch} sequences) divisible by data x fsdp x expert = {batch_shards}")
-    _require(t.seq_len % size["sequence"] == 0, "train.seq_len", t.seq_len,
-             f"divisible by the sequence-parallel mesh size {size['sequence']}")
+    _require(
+        microbatch % batch_shards == 0,
+        "train.global_batch_size",
+        t.global_batch_size,
+        f"a microbatch ({microbatch} sequences) divisible by data x fsdp x expert = {batch_shards}",
+    )
+    _require(
+        t.seq_len % size["sequence"] == 0,
+        "train.seq_len",
+        t.seq_len,
+        f"divisible by the sequence-parallel mesh size {size['sequence']}",
+    )
     _require(t.steps > 0, "train.steps", t.steps, "a positive number of steps")
-    _require(config.optimizer.schedule in SCHEDULES, "optimizer.schedule", config.optimizer.schedule,
-             f"one of {SCHEDULES}")
-    _require(config.optimizer.wsd_decay_shape in WSD_DECAY_SHAPES, "optimizer.wsd_decay_shape",
-             config.optimizer.wsd_decay_shape, f"one of {WSD_DECAY_SHAPES}")
+    _require(
+        config.optimizer.schedule in SCHEDULES,
+        "optimizer.schedule",
+        config.optimizer.schedule,
+        f"one of {SCHEDULES}",
+    )
+    _require(
+        config.optimizer.wsd_decay_shape in WSD_DECAY_SHAPES,
+        "optimizer.wsd_decay_shape",
+        config.optimizer.wsd_decay_shape,
+        f"one of {WSD_DECAY_SHAPES}",
+    )

@@ -46,5 +46,10 @@ def random_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, 
             segment_ids[row, start:end] = doc + 1
             positions[row, start:end] = np.arange(end - start)
     loss_mask = (rng.random((batch, length)) > 0.1).astype(np.float32)
-    return {"input_ids": input_ids, "target_ids": target_ids, "segment_ids": segment_ids,
-            "positions": positions, "loss_mask": loss_mask}
+    return {
+        "input_ids": input_ids,
+        "target_ids": target_ids,
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "loss_mask": loss_mask,
+    }

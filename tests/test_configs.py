@@ -41,17 +41,24 @@ def test_recipes_validate_on_some_device_count(recipe):
     validate_config(config, 8 if recipe in ("llama3_8b", "plamo_100b_like") else 1)
 
 
-@pytest.mark.parametrize("change, devices, key", [
-    ({"mesh.tensor": 3, "mesh.data": 1, "model.num_heads": 8}, 3, "model.num_heads"),
-    ({"mesh.tensor": 4, "mesh.data": 2, "model.num_kv_heads": 2, "model.num_heads": 8}, 8, "model.num_kv_heads"),
-    ({"mesh.data": 4}, 8, "mesh"),
-    ({"mesh.data": -1, "mesh.fsdp": -1}, 8, "mesh.data"),
-    ({"mesh.data": 8, "train.global_batch_size": 12}, 8, "train.global_batch_size"),
-    ({"train.microbatches": 3}, 1, "train.global_batch_size"),
-    ({"mesh.sequence": 2, "mesh.data": 4, "train.seq_len": 15}, 8, "train.seq_len"),
-    ({"model.remat": "some"}, 1, "model.remat"),
-    ({"optimizer.schedule": "linear"}, 1, "optimizer.schedule"),
-])
+@pytest.mark.parametrize(
+    "change, devices, key",
+    [
+        ({"mesh.tensor": 3, "mesh.data": 1, "model.num_heads": 8}, 3, "model.num_heads"),
+        (
+            {"mesh.tensor": 4, "mesh.data": 2, "model.num_kv_heads": 2, "model.num_heads": 8},
+            8,
+            "model.num_kv_heads",
+        ),
+        ({"mesh.data": 4}, 8, "mesh"),
+        ({"mesh.data": -1, "mesh.fsdp": -1}, 8, "mesh.data"),
+        ({"mesh.data": 8, "train.global_batch_size": 12}, 8, "train.global_batch_size"),
+        ({"train.microbatches": 3}, 1, "train.global_batch_size"),
+        ({"mesh.sequence": 2, "mesh.data": 4, "train.seq_len": 15}, 8, "train.seq_len"),
+        ({"model.remat": "some"}, 1, "model.remat"),
+        ({"optimizer.schedule": "linear"}, 1, "optimizer.schedule"),
+    ],
+)
 def test_bad_configs_name_the_key(change, devices, key):
     config = small_config()
     for dotted, value in change.items():
@@ -63,9 +70,18 @@ def test_bad_configs_name_the_key(change, devices, key):
 
 def test_unknown_override_key_fails_at_start(tmp_path):
     result = subprocess.run(
-        [sys.executable, "launch/train.py", "--config", "configs/tiny.py", "--config.train.stpes=3",
-         f"--config.train.output_dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "launch/train.py",
+            "--config",
+            "configs/tiny.py",
+            "--config.train.stpes=3",
+            f"--config.train.output_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "stpes" in result.stderr

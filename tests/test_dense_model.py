@@ -29,9 +29,12 @@ def test_no_token_sees_the_future_or_another_document():
         changed_tokens = tokens.at[0, perturbed].set((tokens[0, perturbed] + 101) % cfg.vocab_size)
         logits, _ = model(changed_tokens, segment_ids, positions)
         changed = np.abs(np.asarray(logits - base)).max(axis=-1)[0] > 1e-6
-        expected = np.array([
-            query >= perturbed and segment_ids[0, query] == segment_ids[0, perturbed] for query in range(length)
-        ])
+        expected = np.array(
+            [
+                query >= perturbed and segment_ids[0, query] == segment_ids[0, perturbed]
+                for query in range(length)
+            ]
+        )
         np.testing.assert_array_equal(changed, expected, err_msg=f"perturbing token {perturbed}")
 
 
@@ -65,8 +68,9 @@ def test_grouped_query_attention_matches_naive():
     v = rng.normal(size=(2, 10, 2, 16)).astype(np.float32)
     segment_ids = jnp.array([[1] * 4 + [2] * 6, [1] * 10])
     mask = attention_mask(segment_ids)
-    np.testing.assert_allclose(dot_product_attention(q, k, v, mask), naive_attention(q, k, v, np.asarray(mask)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        dot_product_attention(q, k, v, mask), naive_attention(q, k, v, np.asarray(mask)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_rope_matches_rotation_matrices():
@@ -110,13 +114,17 @@ def test_gradient_accumulation_equals_whole_batch(microbatches):
     batch = random_batch(np.random.default_rng(3), 8, 16, config.model.vocab_size)
 
     def step(k):
-        fn = make_train_step(setup.graphdef, optimizer, config.model, z_loss=config.train.z_loss,
-                             num_microbatches=k)
+        fn = make_train_step(
+            setup.graphdef, optimizer, config.model, z_loss=config.train.z_loss, num_microbatches=k
+        )
         return jax.device_get(jax.jit(fn)(state, batch))
 
     whole_state, whole_metrics = step(1)
     accumulated_state, accumulated_metrics = step(microbatches)
     for key in ("loss", "cross_entropy", "z_loss", "accuracy", "grad_norm", "tokens"):
         np.testing.assert_allclose(accumulated_metrics[key], whole_metrics[key], rtol=1e-5, err_msg=key)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 accumulated_state["params"], whole_state["params"])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        accumulated_state["params"],
+        whole_state["params"],
+    )

@@ -40,11 +40,17 @@ def run_step(config, mesh, host_params, host_batch):
         return objective / sums["tokens"]
 
     with sharding_context(mesh, rules):
-        grad_fn = jax.jit(jax.value_and_grad(loss_and_grads), in_shardings=(setup.param_shardings, batch_sharding))
+        grad_fn = jax.jit(
+            jax.value_and_grad(loss_and_grads), in_shardings=(setup.param_shardings, batch_sharding)
+        )
         loss, grads = grad_fn(params, batch)
-        step_fn = jax.jit(make_train_step(setup.graphdef, optimizer, config.model, z_loss=config.train.z_loss,
-                                          num_microbatches=1),
-                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+        step_fn = jax.jit(
+            make_train_step(
+                setup.graphdef, optimizer, config.model, z_loss=config.train.z_loss, num_microbatches=1
+            ),
+            in_shardings=(shardings, batch_sharding),
+            out_shardings=(shardings, None),
+        )
         new_state, metrics = step_fn(state, batch)
     return jax.device_get((loss, grads, new_state["params"], metrics)), (params, batch)
 

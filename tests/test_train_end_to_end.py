@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(args, devices=1, timeout=900, launcher="launch/train.py"):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    result = subprocess.run([sys.executable, launcher, *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -36,8 +37,12 @@ def unigram_entropy_nats(config_module_path: str, steps: int) -> float:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    data = make_train_iterator(config.data, seq_len=config.train.seq_len,
-                               global_batch_size=config.train.global_batch_size, seed=config.train.seed)
+    data = make_train_iterator(
+        config.data,
+        seq_len=config.train.seq_len,
+        global_batch_size=config.train.global_batch_size,
+        seed=config.train.seed,
+    )
     counts = Counter()
     for _ in range(steps):
         batch = next(data)
@@ -60,8 +65,15 @@ def test_default_run_learns_well_below_unigram_entropy(tmp_path):
 
 
 def test_short_run_learns_and_writes_tensorboard(tmp_path):
-    run(["--config", "configs/tiny.py", "--config.train.steps=80", "--config.checkpoint.enabled=False",
-         f"--config.train.output_dir={tmp_path}"])
+    run(
+        [
+            "--config",
+            "configs/tiny.py",
+            "--config.train.steps=80",
+            "--config.checkpoint.enabled=False",
+            f"--config.train.output_dir={tmp_path}",
+        ]
+    )
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == list(range(1, 81))
     entropy = unigram_entropy_nats("configs/tiny.py", steps=80)
@@ -76,11 +88,28 @@ def test_short_run_learns_and_writes_tensorboard(tmp_path):
 
 def test_two_processes_train_like_one(tmp_path):
     """2 hosts x 4 devices (jax.distributed over gloo) == 1 host x 8 devices, step by step."""
-    common = ["--config", "configs/tiny.py", "--config.train.steps=4", "--config.checkpoint.enabled=False",
-              "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+    common = [
+        "--config",
+        "configs/tiny.py",
+        "--config.train.steps=4",
+        "--config.checkpoint.enabled=False",
+        "--config.mesh.data=2",
+        "--config.mesh.fsdp=2",
+        "--config.mesh.tensor=2",
+    ]
     run([*common, f"--config.train.output_dir={tmp_path / 'one'}"], devices=8)
-    run(["--processes", "2", "--devices-per-process", "4", "--", *common,
-         f"--config.train.output_dir={tmp_path / 'two'}"], launcher="launch/local_multiprocess.py")
+    run(
+        [
+            "--processes",
+            "2",
+            "--devices-per-process",
+            "4",
+            "--",
+            *common,
+            f"--config.train.output_dir={tmp_path / 'two'}",
+        ],
+        launcher="launch/local_multiprocess.py",
+    )
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two, strict=True):

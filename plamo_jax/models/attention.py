@@ -27,8 +27,9 @@ def attention_mask(segment_ids_BL: jax.Array, window: int | jax.Array = 0) -> ja
     return (allowed[None] & same_document)[:, None]
 
 
-def dot_product_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array,
-                          mask_B1LL: jax.Array) -> jax.Array:
+def dot_product_attention(
+    q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, mask_B1LL: jax.Array
+) -> jax.Array:
     """Softmax attention in fp32; query head h reads KV head h // (H / K) (Llama / HF layout)."""
     batch, length, num_heads, head_dim = q_BLHD.shape
     num_kv_heads = k_BLKD.shape[2]
@@ -49,9 +50,21 @@ class Attention(nnx.Module):
     "per_head" = a weight per head [heads, head_dim] (PLaMo 2). Applied before RoPE.
     """
 
-    def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rope_theta: float, norm_eps: float, qk_norm: str, init_std: float,
-                 out_init_std: float, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rope_theta: float,
+        norm_eps: float,
+        qk_norm: str,
+        init_std: float,
+        out_init_std: float,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         if qk_norm not in QK_NORM_KINDS:
             raise ValueError(f"qk_norm must be one of {QK_NORM_KINDS}, got {qk_norm!r}")
         if num_heads % num_kv_heads:
@@ -59,13 +72,18 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_theta = rope_theta
         self.dtype = dtype
-        self.q_proj = param(rngs, normal(init_std), (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"))
-        self.k_proj = param(rngs, normal(init_std), (d_model, num_kv_heads, head_dim),
-                            ("embed", "kv_heads", "head_dim"))
-        self.v_proj = param(rngs, normal(init_std), (d_model, num_kv_heads, head_dim),
-                            ("embed", "kv_heads", "head_dim"))
-        self.o_proj = param(rngs, normal(out_init_std), (num_heads, head_dim, d_model),
-                            ("heads", "head_dim", "embed"))
+        self.q_proj = param(
+            rngs, normal(init_std), (d_model, num_heads, head_dim), ("embed", "heads", "head_dim")
+        )
+        self.k_proj = param(
+            rngs, normal(init_std), (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim")
+        )
+        self.v_proj = param(
+            rngs, normal(init_std), (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim")
+        )
+        self.o_proj = param(
+            rngs, normal(out_init_std), (num_heads, head_dim, d_model), ("heads", "head_dim", "embed")
+        )
         q_norm = k_norm = None
         if qk_norm == "shared":
             q_norm = RMSNorm(head_dim, eps=norm_eps, rngs=rngs, logical_axes=("head_dim",))
@@ -92,8 +110,13 @@ class Attention(nnx.Module):
         out = jnp.einsum("blhk,hkd->bld", attended_BLHD, self.o_proj[...].astype(self.dtype))
         return constrain(out, ("act_batch", "act_length", "act_embed"))
 
-    def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
-                 window: int | jax.Array = 0) -> jax.Array:
+    def __call__(
+        self,
+        x_BLD: jax.Array,
+        segment_ids_BL: jax.Array,
+        positions_BL: jax.Array,
+        window: int | jax.Array = 0,
+    ) -> jax.Array:
         q, k, v = self.project_qkv(x_BLD, positions_BL)
         # Sequence parallelism ends here: attention sees the whole sequence, heads stay sharded.
         q = constrain(q, ("act_batch", None, "act_heads", "act_head_dim"))

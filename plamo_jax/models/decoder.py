@@ -34,9 +34,17 @@ def output_init_std(cfg: ml_collections.ConfigDict) -> float:
 
 def make_attention(cfg: ml_collections.ConfigDict, *, qk_norm: str, rngs: nnx.Rngs) -> Attention:
     return Attention(
-        d_model=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, qk_norm=qk_norm,
-        init_std=cfg.init_std, out_init_std=output_init_std(cfg), dtype=compute_dtype(cfg), rngs=rngs,
+        d_model=cfg.d_model,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        rope_theta=cfg.rope_theta,
+        norm_eps=cfg.norm_eps,
+        qk_norm=qk_norm,
+        init_std=cfg.init_std,
+        out_init_std=output_init_std(cfg),
+        dtype=compute_dtype(cfg),
+        rngs=rngs,
     )
 
 
@@ -47,8 +55,14 @@ class DenseBlock(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.attn = make_attention(cfg, qk_norm="shared" if cfg.qk_norm else "none", rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std,
-                          out_init_std=output_init_std(cfg), dtype=compute_dtype(cfg), rngs=rngs)
+        self.mlp = SwiGLU(
+            cfg.d_model,
+            cfg.mlp_dim,
+            init_std=cfg.init_std,
+            out_init_std=output_init_std(cfg),
+            dtype=compute_dtype(cfg),
+            rngs=rngs,
+        )
 
     def __call__(self, x_BLD, segment_ids_BL, positions_BL, block_index):
         del block_index  # every dense layer is the same
@@ -65,6 +79,7 @@ class Decoder(nnx.Module):
         self.dtype = cfg.dtype
         self.num_blocks = family.num_blocks(cfg)
         self.remat_policy = cfg.remat
+        self.scan_unroll = cfg.scan_unroll
         self.embed = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
         block_class = family.block_class()
 
@@ -76,7 +91,8 @@ class Decoder(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, offset=family.final_norm_offset, rngs=rngs)
         self.lm_head = nnx.data(
-            None if cfg.tie_embeddings
+            None
+            if cfg.tie_embeddings
             else param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
         )
 
@@ -88,11 +104,13 @@ class Decoder(nnx.Module):
         x = self.final_norm(x_BLD)
         dtype = self.dtype
         if self.lm_head is None:
-            logits = jnp.einsum("bld,vd->blv", x, self.embed[...].astype(dtype),
-                                preferred_element_type=jnp.float32)
+            logits = jnp.einsum(
+                "bld,vd->blv", x, self.embed[...].astype(dtype), preferred_element_type=jnp.float32
+            )
         else:
-            logits = jnp.einsum("bld,dv->blv", x, self.lm_head[...].astype(dtype),
-                                preferred_element_type=jnp.float32)
+            logits = jnp.einsum(
+                "bld,dv->blv", x, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32
+            )
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
     def __call__(self, input_ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array):
@@ -105,7 +123,7 @@ class Decoder(nnx.Module):
         if self.remat_policy != "none":
             apply_block = nnx.remat(apply_block, policy=policy)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), unroll=self.scan_unroll)
         def run_stack(x_BLD, block, block_index):
             x_BLD, aux = apply_block(block, x_BLD, block_index)
             return x_BLD, aux

@@ -44,8 +44,15 @@ def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
 class RMSNorm(nnx.Module):
     """RMSNorm with scale = offset + weight (offset 0 for Llama, 1 or 1/5 for PLaMo 2's deltas)."""
 
-    def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, offset: float = 0.0,
-                 logical_axes: Sequence[str | None] = ("norm",)):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float,
+        rngs: nnx.Rngs,
+        offset: float = 0.0,
+        logical_axes: Sequence[str | None] = ("norm",),
+    ):
         self.eps = eps
         self.offset = offset
         self.scale = param(rngs, constant(1.0 - offset), (dim,), logical_axes)
@@ -75,8 +82,9 @@ def apply_rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.
 class SwiGLU(nnx.Module):
     """down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, d_model: int, mlp_dim: int, *, init_std: float, out_init_std: float,
-                 dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, d_model: int, mlp_dim: int, *, init_std: float, out_init_std: float, dtype, rngs: nnx.Rngs
+    ):
         self.dtype = dtype
         self.gate = param(rngs, normal(init_std), (d_model, mlp_dim), ("embed", "mlp"))
         self.up = param(rngs, normal(init_std), (d_model, mlp_dim), ("embed", "mlp"))

@@ -36,7 +36,9 @@ FAMILIES: dict[str, Family] = {
     "dense": Family("plamo_jax.models.decoder:DenseBlock", lambda cfg: 1),
     "moe": Family("plamo_jax.models.moe:MoEBlock", lambda cfg: 1),
     # PLaMo 2: one scanned block is a group of `mamba_step` layers; the final norm stores a delta from 1.
-    "hybrid": Family("plamo_jax.models.hybrid:HybridGroup", lambda cfg: cfg.mamba_step, final_norm_offset=1.0),
+    "hybrid": Family(
+        "plamo_jax.models.hybrid:HybridGroup", lambda cfg: cfg.mamba_step, final_norm_offset=1.0
+    ),
 }
 
 

@@ -30,7 +30,9 @@ def resolve_axis_sizes(
             raise MeshConfigError(f"config key mesh.{axis}={size}: expected a positive size or -1")
     fill = [axis for axis, size in ici.items() if size == -1]
     if len(fill) > 1:
-        raise MeshConfigError(f"config keys mesh.{', mesh.'.join(fill)} are all -1: at most one axis may be -1")
+        raise MeshConfigError(
+            f"config keys mesh.{', mesh.'.join(fill)} are all -1: at most one axis may be -1"
+        )
     known = math.prod(s for s in ici.values() if s != -1) * math.prod(dcn.values())
     if fill:
         if num_devices % known:
@@ -69,8 +71,8 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) 
 def maybe_initialize_distributed() -> None:
     """Start jax.distributed when launched as one of several processes.
 
-    Reads PLAMO_COORDINATOR (host:port), PLAMO_NUM_PROCESSES, PLAMO_PROCESS_ID (set by the local launcher,
-    SLURM or TPU scripts); cluster auto-detection (SLURM, TPU VMs) handles the rest when PLAMO_DISTRIBUTED=auto.
+    Reads PLAMO_COORDINATOR (host:port), PLAMO_NUM_PROCESSES, PLAMO_PROCESS_ID (set by the local
+    launcher or a job script); with PLAMO_DISTRIBUTED=auto, JAX detects SLURM and TPU-VM clusters itself.
     """
     if os.environ.get("PLAMO_DISTRIBUTED") == "auto":
         jax.distributed.initialize()

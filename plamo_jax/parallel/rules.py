@@ -110,18 +110,14 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def tree_shardings(
-    abstract_tree: Any, logical_tree: Any, rules: Rules, mesh: Mesh
-) -> Any:
+def tree_shardings(abstract_tree: Any, logical_tree: Any, rules: Rules, mesh: Mesh) -> Any:
     """NamedShardings for a pytree of arrays given a matching pytree of logical axis tuples."""
 
     def one(path, leaf, axes):
         spec = logical_to_spec(axes, rules, mesh, getattr(leaf, "shape", None), jax.tree_util.keystr(path))
         return NamedSharding(mesh, spec)
 
-    return jax.tree_util.tree_map_with_path(
-        one, abstract_tree, logical_tree, is_leaf=lambda x: x is None
-    )
+    return jax.tree_util.tree_map_with_path(one, abstract_tree, logical_tree, is_leaf=lambda x: x is None)
 
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(

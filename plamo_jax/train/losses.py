@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 
 
-def cross_entropy_sums(logits_BLV: jax.Array, targets_BL: jax.Array, loss_mask_BL: jax.Array,
-                       z_loss: float) -> dict[str, jax.Array]:
+def cross_entropy_sums(
+    logits_BLV: jax.Array, targets_BL: jax.Array, loss_mask_BL: jax.Array, z_loss: float
+) -> dict[str, jax.Array]:
     """Masked sums (not means), so microbatches and shards combine exactly by addition.
 
     Returns sums of cross entropy, z-loss (z * log(Z)^2 per token), correct predictions, and the

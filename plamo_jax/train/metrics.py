@@ -55,8 +55,14 @@ class Progress:
     """A tqdm bar showing step, loss, tokens/s and the ETA (tqdm's own)."""
 
     def __init__(self, start_step: int, total_steps: int, enabled: bool = True):
-        self._bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not enabled,
-                              unit="step", dynamic_ncols=True, mininterval=1.0)
+        self._bar = tqdm.tqdm(
+            total=total_steps,
+            initial=start_step,
+            disable=not enabled,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
 
     def update(self, steps: int, **postfix: str) -> None:
         self._bar.update(steps)

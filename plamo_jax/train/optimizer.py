@@ -50,8 +50,14 @@ def decay_mask(params, no_decay: str):
 
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(opt, total_steps)
-    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                        mask=lambda params: decay_mask(params, opt.no_decay))
+    adamw = optax.adamw(
+        schedule,
+        b1=opt.b1,
+        b2=opt.b2,
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+        mask=lambda params: decay_mask(params, opt.no_decay),
+    )
     if opt.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw)
     return adamw

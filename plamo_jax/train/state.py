@@ -70,11 +70,18 @@ def state_shardings(setup: ModelSetup, optimizer: optax.GradientTransformation) 
     """Shardings of {"step", "params", "opt_state", "rng"}: optimizer moments follow their parameters."""
     abstract_opt = jax.eval_shape(optimizer.init, setup.abstract_params)
     opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, abstract_opt, setup.param_shardings,
+        optimizer,
+        lambda _, sharding: sharding,
+        abstract_opt,
+        setup.param_shardings,
         transform_non_params=lambda _: replicated(setup.mesh),
     )
-    return {"step": replicated(setup.mesh), "params": setup.param_shardings, "opt_state": opt_shardings,
-            "rng": replicated(setup.mesh)}
+    return {
+        "step": replicated(setup.mesh),
+        "params": setup.param_shardings,
+        "opt_state": opt_shardings,
+        "rng": replicated(setup.mesh),
+    }
 
 
 def abstract_state(setup: ModelSetup, optimizer: optax.GradientTransformation) -> dict:
@@ -89,8 +96,12 @@ def abstract_state(setup: ModelSetup, optimizer: optax.GradientTransformation) -
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def init_state(model_cfg, setup: ModelSetup, optimizer: optax.GradientTransformation, seed: int) -> dict:
-    params = init_params(model_cfg, setup, seed)
+def init_state(
+    model_cfg, setup: ModelSetup, optimizer: optax.GradientTransformation, seed: int, params: Any = None
+) -> dict:
+    """Step 0 state; `params` (already in setup.param_shardings) replaces the random initialisation."""
+    if params is None:
+        params = init_params(model_cfg, setup, seed)
     shardings = state_shardings(setup, optimizer)
     opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32), shardings["rng"])
@@ -104,6 +115,7 @@ def batch_sharding(mesh: Mesh, rules: rules_lib.Rules) -> NamedSharding:
 
 def global_batch(local_batch: dict, sharding: NamedSharding, global_batch_size: int) -> dict:
     """Host-local rows -> global jax.Arrays laid out for the mesh (each host passes only its rows)."""
+
     def one(x):
         global_shape = (global_batch_size, *x.shape[1:])
         return jax.make_array_from_process_local_data(sharding, x, global_shape)

@@ -21,8 +21,9 @@ Batch = dict[str, jax.Array]
 BATCH_KEYS = ("input_ids", "target_ids", "segment_ids", "positions", "loss_mask")
 
 
-def model_loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch,
-                    model_cfg: ml_collections.ConfigDict, z_loss: float) -> tuple[jax.Array, dict]:
+def model_loss_sums(
+    graphdef: nnx.GraphDef, params: Any, batch: Batch, model_cfg: ml_collections.ConfigDict, z_loss: float
+) -> tuple[jax.Array, dict]:
     """(objective sum, metric sums) for one batch; the objective is normalised by the caller."""
     model = nnx.merge(graphdef, params)
     logits, aux = model(batch["input_ids"], batch["segment_ids"], batch["positions"])
@@ -48,6 +49,7 @@ def auxiliary_loss_weights(model_cfg: ml_collections.ConfigDict) -> dict[str, fl
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
     """[B, L] -> [k, B/k, L], taking every k-th row so each microbatch keeps the batch sharding."""
+
     def split(x):
         rows = x.shape[0]
         return x.reshape(rows // num_microbatches, num_microbatches, *x.shape[1:]).swapaxes(0, 1)
@@ -55,8 +57,16 @@ def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def train_step(state: dict, batch: Batch, *, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-               model_cfg: ml_collections.ConfigDict, z_loss: float, num_microbatches: int):
+def train_step(
+    state: dict,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    model_cfg: ml_collections.ConfigDict,
+    z_loss: float,
+    num_microbatches: int,
+):
     """One optimizer step; gradients accumulate over `num_microbatches` inside the step."""
     grad_fn = jax.grad(
         lambda params, mb: model_loss_sums(graphdef, params, mb, model_cfg, z_loss), has_aux=True
@@ -65,6 +75,7 @@ def train_step(state: dict, batch: Batch, *, graphdef: nnx.GraphDef, optimizer: 
     if num_microbatches == 1:
         grads, sums = grad_fn(state["params"], batch)
     else:
+
         def accumulate(carry, microbatch):
             grads_acc, sums_acc = carry
             grads, sums = grad_fn(state["params"], microbatch)
@@ -103,5 +114,11 @@ def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def make_train_step(graphdef, optimizer, model_cfg, *, z_loss: float, num_microbatches: int):
-    return functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, model_cfg=model_cfg,
-                             z_loss=z_loss, num_microbatches=num_microbatches)
+    return functools.partial(
+        train_step,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        model_cfg=model_cfg,
+        z_loss=z_loss,
+        num_microbatches=num_microbatches,
+    )

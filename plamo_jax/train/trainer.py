@@ -9,7 +9,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
 from plamo_jax.configuration import ConfigError, mesh_rules, validate_config
 from plamo_jax.data.pipeline import make_train_iterator, validate_data_config
@@ -17,7 +16,7 @@ from plamo_jax.parallel.mesh import make_mesh
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import flops as flops_lib
 from plamo_jax.train import state as state_lib
-from plamo_jax.train.checkpoint import Checkpointer
+from plamo_jax.train.checkpoint import Checkpointer, load_params
 from plamo_jax.train.metrics import MetricsWriter, Progress, flatten_metrics
 from plamo_jax.train.optimizer import make_optimizer
 from plamo_jax.train.step import make_train_step
@@ -61,8 +60,12 @@ def make_checkpointer(config: ml_collections.ConfigDict) -> Checkpointer | None:
     if not c.enabled:
         return None
     return Checkpointer(
-        f"{config.train.output_dir}/checkpoints", every_steps=c.every_steps, every_minutes=c.every_minutes,
-        keep_last=c.keep_last, keep_every=c.keep_every, async_save=c.async_save,
+        f"{config.train.output_dir}/checkpoints",
+        every_steps=c.every_steps,
+        every_minutes=c.every_minutes,
+        keep_last=c.keep_last,
+        keep_every=c.keep_every,
+        async_save=c.async_save,
     )
 
 
@@ -75,9 +78,14 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
     setup = state_lib.setup_model(config.model, mesh, rules)
     optimizer = make_optimizer(config.optimizer, t.steps)
     is_main = jax.process_index() == 0
-    data = make_train_iterator(config.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                               seed=t.seed, process_index=jax.process_index(),
-                               process_count=jax.process_count())
+    data = make_train_iterator(
+        config.data,
+        seq_len=t.seq_len,
+        global_batch_size=t.global_batch_size,
+        seed=t.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     if data.tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(
             f"config key model.vocab_size={config.model.vocab_size}: expected at least the tokenizer's "
@@ -91,6 +99,11 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
         if restored is not None:
             state, data_state = restored
             data.set_state(data_state)
+    if state is None and config.checkpoint.init_params:
+        # Continual pre-training: parameters from a converted or upcycled checkpoint, fresh optimizer.
+        params, _ = load_params(config.checkpoint.init_params, shardings=setup.param_shardings)
+        state = state_lib.init_state(config.model, setup, optimizer, t.seed, params=params)
+        log.info("initialised parameters from %s", config.checkpoint.init_params)
     if state is None:
         state = state_lib.init_state(config.model, setup, optimizer, t.seed)
     start_step = int(state["step"])
@@ -98,9 +111,12 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
     shardings = state_lib.state_shardings(setup, optimizer)
     batch_sharding = state_lib.batch_sharding(mesh, rules)
     step_fn = jax.jit(
-        make_train_step(setup.graphdef, optimizer, config.model, z_loss=t.z_loss,
-                        num_microbatches=t.microbatches),
-        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0,
+        make_train_step(
+            setup.graphdef, optimizer, config.model, z_loss=t.z_loss, num_microbatches=t.microbatches
+        ),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
     )
 
     num_params = state_lib.parameter_count(setup.abstract_params)
@@ -108,8 +124,13 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
     flops_per_token = flops_lib.train_flops_per_token(config.model, t.seq_len)
     peak = flops_lib.peak_flops_per_device(t.peak_flops_per_device)
     if is_main:
-        log.info("model: %s parameters; mesh %s; %d tokens/step; %.3g FLOPs/token", f"{num_params:,}",
-                 dict(mesh.shape), tokens_per_step, flops_per_token)
+        log.info(
+            "model: %s parameters; mesh %s; %d tokens/step; %.3g FLOPs/token",
+            f"{num_params:,}",
+            dict(mesh.shape),
+            tokens_per_step,
+            flops_per_token,
+        )
 
     writer = MetricsWriter(t.output_dir, enabled=is_main)
     progress = Progress(start_step, t.steps, enabled=is_main)
@@ -125,16 +146,21 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
         fetched = jax.device_get([m for _, m in pending])
         elapsed = time.perf_counter() - interval_start
         tokens_per_second = interval_steps * tokens_per_step / elapsed
-        throughput = {"perf/tokens_per_second": tokens_per_second,
-                      "perf/step_seconds": elapsed / interval_steps}
+        throughput = {
+            "perf/tokens_per_second": tokens_per_second,
+            "perf/step_seconds": elapsed / interval_steps,
+        }
         if peak:
             throughput["perf/mfu"] = tokens_per_second * flops_per_token / (jax.device_count() * peak)
         for (step, _), values in zip(pending, fetched, strict=True):
             last_metrics = flatten_metrics(values)
             writer.write(step, last_metrics | (throughput if step == pending[-1][0] else {}))
-        progress.update(len(pending), loss=f"{last_metrics['loss']:.4f}",
-                        tok_s=f"{tokens_per_second:,.0f}",
-                        **({"mfu": f"{throughput['perf/mfu']:.1%}"} if peak else {}))
+        progress.update(
+            len(pending),
+            loss=f"{last_metrics['loss']:.4f}",
+            tok_s=f"{tokens_per_second:,.0f}",
+            **({"mfu": f"{throughput['perf/mfu']:.1%}"} if peak else {}),
+        )
         pending.clear()
         interval_start, interval_steps = time.perf_counter(), 0
 

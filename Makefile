@@ -1,0 +1,36 @@
+# Two entry points: `make train` (set up + train the tiny default model) and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test test-slow lint bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned: a bare `transformers` install would otherwise pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,hf]"
+	touch $(STAMP)
+
+train: setup
+	$(PY) launch/train.py --config configs/tiny.py
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check plamo_jax configs launch tools tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_data.py
+
+clean:
+	rm -rf runs .pytest_cache
