@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--model_seq_len", type=int, default=512, help="~100M model step for comparison")
+    parser.add_argument("--model_batch", type=int, default=4)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
@@ -86,6 +89,20 @@ def main() -> None:
         bench_pipeline(
             str(scratch / f"tokens_spm_{args.workers}"), str(model), args.seq_len, args.batch, args.steps, 2
         )
+    bench_model_consumption(args.model_batch, args.model_seq_len)
+
+
+def bench_model_consumption(batch: int, seq_len: int) -> None:
+    """What the pipeline must keep up with: tokens/s that training the ~100M config consumes here."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_train import measure_training
+
+    config_path = Path(__file__).resolve().parents[1] / "configs" / "dense_100m.py"
+    measured = measure_training(str(config_path), batch, seq_len, steps=3)
+    print(
+        f"training  dense_100m  seq_len={seq_len} batch={batch}  {measured['tokens_per_second']:12,.0f} "
+        f"tokens/s consumed ({measured['step_seconds'] * 1e3:.0f} ms/step)"
+    )
 
 
 if __name__ == "__main__":

@@ -88,6 +88,32 @@ def compile_seconds(config, num_layers: int, batch) -> float:
     return time.perf_counter() - start
 
 
+def measure_training(config_path: str, batch_size: int, seq_len: int, steps: int) -> dict:
+    """Mean step time of the jitted train step after one warm-up step, on a synthetic batch."""
+    config = load_config(config_path)
+    config.train.global_batch_size, config.train.seq_len = batch_size, seq_len
+    mesh, rules, setup, optimizer, step = build_step(config)
+    batch = jax.device_put(
+        synthetic_batch(batch_size, seq_len, config.model.vocab_size), state_lib.batch_sharding(mesh, rules)
+    )
+    state = state_lib.init_state(config.model, setup, optimizer, seed=0)
+    with sharding_context(mesh, rules):
+        state, metrics = step(state, batch)  # warm-up (includes compilation)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        step_seconds = (time.perf_counter() - start) / steps
+    return {
+        "config": config,
+        "batch": batch,
+        "step_seconds": step_seconds,
+        "tokens_per_second": batch_size * seq_len / step_seconds,
+        "parameters": state_lib.parameter_count(setup.abstract_params),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -98,24 +124,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
 
-    config = load_config(args.config)
-    config.train.global_batch_size, config.train.seq_len = args.batch, args.seq_len
-    mesh, rules, setup, optimizer, step = build_step(config)
-    batch = jax.device_put(
-        synthetic_batch(args.batch, args.seq_len, config.model.vocab_size),
-        state_lib.batch_sharding(mesh, rules),
-    )
-    state = state_lib.init_state(config.model, setup, optimizer, seed=0)
-    params = state_lib.parameter_count(setup.abstract_params)
-
-    with sharding_context(mesh, rules):
-        state, metrics = step(state, batch)  # warm-up
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        step_seconds = (time.perf_counter() - start) / args.steps
+    measured = measure_training(args.config, args.batch, args.seq_len, args.steps)
+    config, batch, step_seconds = measured["config"], measured["batch"], measured["step_seconds"]
+    params = measured["parameters"]
 
     xla_flops = counted_flops(args.config, args.batch, args.seq_len, batch)
     tokens = args.batch * args.seq_len
