@@ -48,15 +48,15 @@ def _model_defaults() -> ml_collections.ConfigDict:
     m.attention_window = 0  # 0 = full attention; otherwise a sliding window of this many tokens
     m.full_attention_layers = ()  # layer indices that use full attention despite the window
     # mixture of experts
-    m.num_experts = 0
-    m.num_experts_per_token = 2
-    m.num_shared_experts = 0
-    m.expert_mlp_dim = 0
-    m.router_softmax_before_topk = True
-    m.router_renormalize = True
-    m.capacity_factor = 0.0  # 0 = dropless
-    m.moe_aux_loss = 0.01
-    m.router_z_loss = 0.001
+    m.num_experts = 0  # routed experts per MoE layer (family "moe" needs >= 1)
+    m.num_experts_per_token = 2  # top-k
+    m.num_shared_experts = 0  # always-on experts, one SwiGLU of num_shared_experts * expert_mlp_dim
+    m.expert_mlp_dim = 0  # hidden width of each expert
+    m.router_softmax_before_topk = True  # False: softmax over the k chosen logits only
+    m.router_renormalize = True  # divide the chosen top-k probabilities by their sum (Mixtral)
+    m.capacity_factor = 0.0  # 0 = dropless; else each expert takes ceil(factor * tokens * k / experts)
+    m.moe_aux_loss = 0.01  # Switch load-balancing loss coefficient
+    m.router_z_loss = 0.001  # ST-MoE router z-loss coefficient
     return m
 
 
