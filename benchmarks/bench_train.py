@@ -10,27 +10,19 @@ analysis) against the model-FLOPs formula; and compile time of 4 vs 32 layers of
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import resource
 import time
 
 import jax
 import numpy as np
 
-from plamo_jax.configuration import mesh_rules
+from plamo_jax.configuration import load_recipe, mesh_rules
 from plamo_jax.parallel.mesh import make_mesh
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import flops as flops_lib
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.optimizer import make_optimizer
 from plamo_jax.train.step import make_train_step
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("recipe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int) -> dict[str, np.ndarray]:
@@ -68,7 +60,7 @@ def build_step(config):
 
 def counted_flops(config_path: str, batch_size: int, seq_len: int, batch) -> float:
     """XLA's FLOP count of the compiled step, with layers unrolled (XLA counts a loop body once)."""
-    config = load_config(config_path)
+    config = load_recipe(config_path)
     config.train.global_batch_size, config.train.seq_len = batch_size, seq_len
     config.model.scan_unroll = config.model.num_layers
     mesh, rules, setup, optimizer, step = build_step(config)
@@ -90,7 +82,7 @@ def compile_seconds(config, num_layers: int, batch) -> float:
 
 def measure_training(config_path: str, batch_size: int, seq_len: int, steps: int) -> dict:
     """Mean step time of the jitted train step after one warm-up step, on a synthetic batch."""
-    config = load_config(config_path)
+    config = load_recipe(config_path)
     config.train.global_batch_size, config.train.seq_len = batch_size, seq_len
     mesh, rules, setup, optimizer, step = build_step(config)
     batch = jax.device_put(
@@ -147,7 +139,7 @@ def main() -> None:
         f"softmax, norms and optimizer arithmetic)"
     )
 
-    small = load_config(args.config)
+    small = load_recipe(args.config)
     small.train.global_batch_size, small.train.seq_len = args.batch, args.seq_len
     shallow = compile_seconds(small, 4, batch)
     deep = compile_seconds(small, 32, batch)

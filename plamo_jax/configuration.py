@@ -6,6 +6,9 @@ locked, so a misspelt key in a recipe or a command-line override fails instead o
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import ml_collections
 
 from plamo_jax.data.config import data_defaults
@@ -132,6 +135,24 @@ def default_config() -> ml_collections.ConfigDict:
     config.train = _train_defaults()
     config.checkpoint = _checkpoint_defaults()
     return config
+
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_recipe(path_or_name: str | Path) -> ml_collections.ConfigDict:
+    """`get_config()` of a recipe file; a bare name such as "tiny" means configs/tiny.py of this checkout."""
+    path = Path(path_or_name)
+    if path.suffix != ".py":
+        path = RECIPES_DIR / f"{path_or_name}.py"
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; expected a recipe such as configs/tiny.py")
+    spec = importlib.util.spec_from_file_location(f"plamo_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} has no get_config() function")
+    return module.get_config()
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

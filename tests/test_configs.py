@@ -1,6 +1,5 @@
 """Recipes build abstractly with the published sizes; configs that cannot work fail at start, clearly."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,17 +7,10 @@ from pathlib import Path
 import pytest
 from helpers import small_config
 
-from plamo_jax.configuration import ConfigError, validate_config
+from plamo_jax.configuration import ConfigError, load_recipe, validate_config
 from plamo_jax.train.state import abstract_model, parameter_count
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def count(name: str) -> int:

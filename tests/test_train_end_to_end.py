@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from plamo_jax.configuration import load_recipe
 from plamo_jax.data.pipeline import make_train_iterator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,12 +32,7 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 def unigram_entropy_nats(config_module_path: str, steps: int) -> float:
     """Entropy of the target-token distribution over exactly the batches the run trains on."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("recipe", ROOT / config_module_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_recipe(ROOT / config_module_path)
     data = make_train_iterator(
         config.data,
         seq_len=config.train.seq_len,
