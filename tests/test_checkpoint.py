@@ -223,6 +223,9 @@ def test_only_unreadable_checkpoints_is_an_error(tmp_path):
 def test_no_checkpoint_restores_none(tmp_path):
     checkpointer = ckpt.Checkpointer(tmp_path / "empty", every_steps=1, keep_last=1)
     assert checkpointer.restore_latest(abstract_small()) is None
+    unplaced = {**abstract_small(), "step": jax.ShapeDtypeStruct((), np.int32)}
+    with pytest.raises(ValueError, match=r"\['step'\]"):
+        checkpointer.restore_latest(unplaced)
     checkpointer.close()
 
 
@@ -236,3 +239,22 @@ def test_config_saved_before_a_new_key_loads_with_its_default(tmp_path, caplog):
         loaded = ckpt.load_config(tmp_path / "params")
     assert loaded.model.remat == "none" and loaded.model.full_attention_layers == (1,)
     assert "model.retired_option" in caplog.text
+
+
+def test_previous_checkpoint_survives_until_the_next_is_committed(tmp_path):
+    checkpointer = ckpt.Checkpointer(tmp_path, every_steps=1, keep_last=1)
+    big = {"step": jax.numpy.int32(1), "params": {"w": jax.numpy.ones((512, 1024))}}
+    checkpointer.maybe_save(1, big, {}, "{}")
+    checkpointer.wait_until_finished()
+    checkpointer.maybe_save(2, big, {}, "{}")  # returns while step 2 is still being written
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        # Step 1 is looked at first: if it is gone, step 2 must already be in place (renamed when complete).
+        previous_exists = (tmp_path / "1").is_dir()
+        assert previous_exists or (tmp_path / "2").is_dir()
+        if not previous_exists:
+            break
+        time.sleep(0.001)
+    checkpointer.wait_until_finished()
+    assert checkpointer.all_steps() == [2] and not (tmp_path / "1").exists()
+    checkpointer.close()

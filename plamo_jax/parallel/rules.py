@@ -140,6 +140,11 @@ def active_mesh() -> Mesh | None:
     return None if current is None else current[0]
 
 
+def active_mesh_and_rules() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing `sharding_context`, for code that lays out shard_map specs."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside `sharding_context`."""
     current = _ACTIVE.get()

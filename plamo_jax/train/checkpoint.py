@@ -158,6 +158,12 @@ class Checkpointer:
         written again. A readable checkpoint whose parameter shapes differ from abstract_state (a changed
         model config) is an error, not a reason to fall back.
         """
+        leaves = jax.tree_util.tree_leaves_with_path(abstract_state)
+        unplaced = [jax.tree_util.keystr(path) for path, leaf in leaves
+                    if getattr(leaf, "sharding", None) is None]
+        if unplaced:
+            raise ValueError(f"abstract_state leaves {unplaced[:5]} have no sharding; expected "
+                             "jax.ShapeDtypeStruct(shape, dtype, sharding=...) for every leaf")
         self._manager.wait_until_finished()
         unreadable: list[int] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
