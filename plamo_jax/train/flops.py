@@ -43,14 +43,25 @@ def mean_attended_keys(seq_len: int, window: int = 0) -> float:
     return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
 
 
-def forward_flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
-    """Forward FLOPs per token for the dense family; other families add their mixers here."""
+def attention_flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int, window: int = 0) -> float:
     d, heads, kv_heads, head_dim = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    attn_proj = 2 * d * head_dim * (2 * heads + 2 * kv_heads)  # q, o and k, v
-    attn_scores = 2 * 2 * heads * head_dim * mean_attended_keys(seq_len, cfg.attention_window)
-    mlp = 2 * 3 * d * cfg.mlp_dim
-    lm_head = 2 * d * cfg.vocab_size
-    return cfg.num_layers * (attn_proj + attn_scores + mlp) + lm_head
+    projections = 2 * d * head_dim * (2 * heads + 2 * kv_heads)  # q, o and k, v
+    scores_and_values = 2 * 2 * heads * head_dim * mean_attended_keys(seq_len, window)
+    return projections + scores_and_values
+
+
+def mlp_flops_per_token(cfg: ml_collections.ConfigDict) -> float:
+    """SwiGLU (3 matmuls); for MoE the router plus the k routed and the shared experts a token uses."""
+    if cfg.family == "moe":
+        experts_used = cfg.num_experts_per_token + cfg.num_shared_experts
+        return 2 * cfg.d_model * cfg.num_experts + 2 * 3 * cfg.d_model * cfg.expert_mlp_dim * experts_used
+    return 2 * 3 * cfg.d_model * cfg.mlp_dim
+
+
+def forward_flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Forward FLOPs per token: every layer's mixer and MLP, plus the LM head."""
+    per_layer = attention_flops_per_token(cfg, seq_len, cfg.attention_window) + mlp_flops_per_token(cfg)
+    return cfg.num_layers * per_layer + 2 * cfg.d_model * cfg.vocab_size
 
 
 def train_flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
