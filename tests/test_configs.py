@@ -27,10 +27,12 @@ def test_other_recipes_build():
     assert count("tiny") < 2e6
 
 
-@pytest.mark.parametrize("recipe", ["base", "tiny", "dense_100m", "llama3_8b", "plamo_100b_like"])
-def test_recipes_validate_on_some_device_count(recipe):
-    config = load_recipe(recipe)
-    validate_config(config, 8 if recipe in ("llama3_8b", "plamo_100b_like") else 1)
+RECIPES = sorted(p.stem for p in (ROOT / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_validates_on_8_devices(recipe):
+    validate_config(load_recipe(recipe), 8)
 
 
 @pytest.mark.parametrize(

@@ -80,3 +80,21 @@ def test_sharded_step_equals_single_device(reference, name):
     # The computation really was distributed: parameters and/or the batch are split across 8 devices.
     split = [x for x in jax.tree.leaves(device_inputs) if not x.sharding.is_fully_replicated]
     assert split and all(len(x.sharding.device_set) == 8 for x in split)
+
+
+def test_parameters_are_born_sharded():
+    """init_params returns arrays already split by the rules; no device holds a whole sharded weight."""
+    config = small_config()
+    mesh = mesh_of(fsdp=4, tensor=2)
+    setup = state_lib.setup_model(config.model, mesh, mesh_rules(config))
+    params = state_lib.init_params(config.model, setup, seed=0)
+    q_proj = params["blocks"]["attn"]["q_proj"]  # [layers, embed, heads, head_dim]
+    assert q_proj.sharding == setup.param_shardings["blocks"]["attn"]["q_proj"]
+    layers, embed, heads, head_dim = q_proj.shape
+    assert {shard.data.shape for shard in q_proj.addressable_shards} == {
+        (layers, embed // 4, heads // 2, head_dim)
+    }
+    embedding = params["embed"]  # [vocab, embed]
+    assert {s.data.shape for s in embedding.addressable_shards} == {
+        (embedding.shape[0] // 2, embedding.shape[1] // 4)
+    }

@@ -111,3 +111,26 @@ def test_two_processes_train_like_one(tmp_path):
     for a, b in zip(one, two, strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
         np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+
+
+def test_moe_recipe_trains_with_expert_parallelism(tmp_path):
+    """The MoE family through the same launcher: expert=4 x data=2, router losses and expert usage logged."""
+    run(
+        [
+            "--config",
+            "configs/moe_tiny.py",
+            "--config.train.steps=6",
+            "--config.checkpoint.enabled=False",
+            "--config.mesh.expert=4",
+            "--config.mesh.data=2",
+            "--config.train.log_every=3",
+            f"--config.train.output_dir={tmp_path}",
+        ],
+        devices=8,
+    )
+    metrics = read_metrics(tmp_path)
+    assert len(metrics) == 6
+    assert all(m["load_balance_loss"] > 0 and m["router_z_loss"] > 0 for m in metrics)
+    usage = [k for k in metrics[-1] if k.startswith("aux/tokens_per_expert/")]
+    assert usage and sum(metrics[-1][k] for k in usage) > 0
+    assert metrics[-1]["loss"] < metrics[0]["loss"]

@@ -34,7 +34,8 @@ def document_index(segment_ids_BL: jax.Array, previous_segment_B: jax.Array | No
         first_is_new = jnp.ones(segment_ids_BL.shape[:1], dtype=bool)
     else:
         first_is_new = segment_ids_BL[:, 0] != previous_segment_B
-    changes = jnp.concatenate([first_is_new[:, None], segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+    changed = segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]
+    changes = jnp.concatenate([first_is_new[:, None], changed], axis=1)
     return jnp.cumsum(changes.astype(jnp.int32), axis=1)
 
 
@@ -206,7 +207,8 @@ class MambaMixer(nnx.Module):
         # Per head [z_h, x_h], as PLaMo 2 stores in_proj; heads shard on the tensor axis.
         self.in_proj = param(rngs, normal(init_std), (d_model, num_heads, 2, head_dim),
                              ("embed", "ssm_heads", None, "head_dim"))
-        self.conv = param(rngs, conv_init, (conv_width, num_heads, head_dim), ("conv", "ssm_heads", "head_dim"))
+        self.conv = param(rngs, conv_init, (conv_width, num_heads, head_dim),
+                          ("conv", "ssm_heads", "head_dim"))
         self.bcdt_proj = param(rngs, normal(init_std), (num_heads, head_dim, 2 * state_dim + self.dt_dim),
                                ("ssm_heads", "head_dim", None))
         self.dt_norm = RMSNorm(self.dt_dim, eps=norm_eps, rngs=rngs)
@@ -298,7 +300,7 @@ SEQUENCE_AXIS = "sequence"
 
 
 def _active_mesh_and_rules():
-    current = sharding_rules._ACTIVE.get()  # noqa: SLF001 (rules exposes no public getter for the table)
+    current = sharding_rules.active_mesh_and_rules()
     return (None, None) if current is None else current
 
 

@@ -58,10 +58,29 @@ def mlp_flops_per_token(cfg: ml_collections.ConfigDict) -> float:
     return 2 * 3 * cfg.d_model * cfg.mlp_dim
 
 
+def mamba_flops_per_token(cfg: ml_collections.ConfigDict) -> float:
+    """PLaMo 2's Mamba mixer: projections, depthwise conv, and the recurrence itself.
+
+    The recurrence is counted as the sequential scan does it (state update x B^T and readout C h,
+    2 x inner x state_dim each); the chunked SSD spends more to use matrix units.
+    """
+    d, inner, state = cfg.d_model, cfg.ssm_num_heads * cfg.ssm_head_dim, cfg.ssm_state_dim
+    dt_dim = max(64, d // 16)
+    projections = 2 * d * 2 * inner + 2 * inner * (2 * state + dt_dim) + 2 * dt_dim * cfg.ssm_num_heads
+    return projections + 2 * inner * cfg.ssm_conv_width + 4 * inner * state + 2 * inner * d
+
+
 def forward_flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
     """Forward FLOPs per token: every layer's mixer and MLP, plus the LM head."""
-    per_layer = attention_flops_per_token(cfg, seq_len, cfg.attention_window) + mlp_flops_per_token(cfg)
-    return cfg.num_layers * per_layer + 2 * cfg.d_model * cfg.vocab_size
+    attention = attention_flops_per_token(cfg, seq_len, cfg.attention_window)
+    mixers = cfg.num_layers * attention
+    if cfg.family == "hybrid":
+        # one attention layer per group of mamba_step layers; full-attention layers see every key
+        groups = cfg.num_layers // cfg.mamba_step
+        full = [i for i in cfg.full_attention_layers if i % cfg.mamba_step == cfg.mamba_step // 2]
+        mixers = (groups - len(full)) * attention + len(full) * attention_flops_per_token(cfg, seq_len)
+        mixers += (cfg.num_layers - groups) * mamba_flops_per_token(cfg)
+    return mixers + cfg.num_layers * mlp_flops_per_token(cfg) + 2 * cfg.d_model * cfg.vocab_size
 
 
 def train_flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
