@@ -10,23 +10,17 @@ The HF architecture is read from config.json (from-hf) or chosen from the model 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 import time
 from pathlib import Path
 
-from plamo_jax.configuration import default_config
+from plamo_jax.configuration import default_config, load_recipe
 from plamo_jax.convert import hf
 
 
-def load_recipe(path: str | None):
-    if path is None:
-        return default_config()
-    spec = importlib.util.spec_from_file_location("recipe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def recipe_or_defaults(path: str | None):
+    return default_config() if path is None else load_recipe(path)
 
 
 def apply_mesh_overrides(config, overrides: list[str]) -> None:
@@ -90,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(p.stat().st_size for p in Path(args.out).glob("*.safetensors"))
         print(f"wrote {args.out}: {size / 2**20:.1f} MiB of safetensors")
     else:
-        config = load_recipe(args.config)
+        config = recipe_or_defaults(args.config)
         apply_mesh_overrides(config, rest)
         step_dir = hf.hf_to_checkpoint(args.hf, args.out, config)
         print(f"wrote {step_dir}")
