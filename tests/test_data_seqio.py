@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
+import numpy as np
 import pytest
 
 from plamo_jax.data.config import data_defaults
@@ -30,29 +32,63 @@ def test_missing_seqio_names_the_extra():
         make_train_iterator(config, seq_len=8, global_batch_size=2, seed=0)
 
 
-def test_seqio_task_feeds_the_pipeline():
+TEXTS = ["seqio の文書です。東京は晴れています。", "another seqio document about trains", "短い文。"]
+
+
+def register_task(name: str, vocabulary, feature: str) -> None:
     seqio = pytest.importorskip("seqio")
     tf = pytest.importorskip("tensorflow")
+    if name in seqio.TaskRegistry.names():
+        return
+    seqio.TaskRegistry.add(
+        name,
+        source=seqio.FunctionDataSource(
+            lambda split, shuffle_files: tf.data.Dataset.from_tensor_slices({feature: TEXTS}),
+            splits=["train"],
+        ),
+        preprocessors=[seqio.preprocessors.tokenize] if vocabulary is not None else [],
+        output_features={
+            feature: seqio.Feature(
+                vocabulary or seqio.PassThroughVocabulary(1),
+                add_eos=False,
+                dtype=tf.int32 if vocabulary is not None else tf.string,
+            )
+        },
+    )
+
+
+def batches(source: str, tokenizer: str, steps: int = 3):
     from plamo_jax.data.pipeline import make_train_iterator
 
-    texts = ["seqio の文書です。", "another seqio document"]
-    name = "plamo_jax_test_task"
-    if name not in seqio.TaskRegistry.names():
-        seqio.TaskRegistry.add(
-            name,
-            source=seqio.FunctionDataSource(
-                lambda split, shuffle_files: tf.data.Dataset.from_tensor_slices({"text": texts}),
-                splits=["train"],
-            ),
-            preprocessors=[],
-            output_features={
-                "text": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.string)
-            },
-        )
     config = data_defaults()
-    config.source = f"seqio:{name}"
-    config.shuffle = False
-    iterator = make_train_iterator(config, seq_len=8, global_batch_size=1, seed=0)
-    first = next(iterator)["input_ids"][0].tolist()
-    assert first == [1] + [b + 3 for b in texts[0].encode("utf-8")][:7]
+    config.source, config.tokenizer, config.shuffle = source, tokenizer, False
+    iterator = make_train_iterator(config, seq_len=16, global_batch_size=2, seed=0)
+    out = [next(iterator) for _ in range(steps)]
     iterator.close()
+    return out
+
+
+def test_seqio_sentencepiece_task_gives_the_native_tokens(tmp_path):
+    """A task tokenized by seqio's SentencePieceVocabulary == the native path with the same model."""
+    seqio = pytest.importorskip("seqio")
+    from plamo_jax.data.tokenizer_training import TokenizerTrainingSettings, train_sentencepiece
+
+    model, _ = train_sentencepiece(["builtin"], tmp_path / "spm", TokenizerTrainingSettings(vocab_size=600))
+    register_task("plamo_jax_test_spm_task", seqio.SentencePieceVocabulary(str(model)), "text")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS), "utf-8")
+    from_seqio = batches("seqio:plamo_jax_test_spm_task", str(model))
+    native = batches(str(corpus), str(model))
+    for a, b in zip(from_seqio, native, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_seqio_text_task_is_tokenized_by_the_pipeline(tmp_path):
+    register_task("plamo_jax_test_text_task", None, "text")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS), "utf-8")
+    for a, b in zip(
+        batches("seqio:plamo_jax_test_text_task", "byte"), batches(str(corpus), "byte"), strict=True
+    ):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])

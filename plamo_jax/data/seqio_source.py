@@ -1,8 +1,10 @@
 """An optional source that reads documents from a registered seqio Task or Mixture.
 
 seqio (with TensorFlow, about 2.4 GB) is an optional extra and is imported only when a
-`seqio:<task>[/<split>]` entry appears in data.source. Documents are taken from a text feature
-and tokenized with the pipeline's tokenizer, so seqio's own vocabulary plays no part.
+`seqio:<task>[/<split>]` entry appears in data.source. The feature named by data.text_field is
+either already tokenized by the task (integer ids, e.g. from a seqio.SentencePieceVocabulary; they
+must come from the same model as data.tokenizer) or raw text, which the pipeline's tokenizer encodes.
+Either way documents are framed (BOS, EOS) like every other corpus.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from plamo_jax.data.documents import TokenDocuments, documents_from_texts
+import numpy as np
+
+from plamo_jax.data.documents import TokenDocuments, documents_from_token_lists, frame_document
 from plamo_jax.data.errors import DataError
-from plamo_jax.data.tokenizer import Tokenizer
+from plamo_jax.data.tokenizer import Tokenizer, encode_to_array
 
 SEQIO_EXTRA = "seqio"
 MISSING_SEQIO_MESSAGE = (
@@ -37,8 +41,10 @@ def parse_seqio_spec(spec: str) -> tuple[str, str]:
     return name, split or "train"
 
 
-def iter_seqio_texts(spec: str, *, feature: str = "text", max_documents: int | None = None) -> Iterator[str]:
-    """Texts of `feature` from the task's examples, in the task's own order (no shuffling)."""
+def iter_seqio_features(
+    spec: str, *, feature: str = "text", max_documents: int | None = None
+) -> Iterator[str | np.ndarray]:
+    """`feature` of the task's examples (text, or an int token array), in the task's own order."""
     seqio = import_seqio()
     name, split = parse_seqio_spec(spec)
     try:
@@ -54,11 +60,24 @@ def iter_seqio_texts(spec: str, *, feature: str = "text", max_documents: int | N
                 f"seqio task {name!r} example {index} has no feature {feature!r}; it has {sorted(example)}"
             )
         value = example[feature]
-        yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.integer):
+            yield value
+        else:
+            yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def seqio_documents(
     spec: str, tokenizer: Tokenizer, *, add_bos: bool, feature: str = "text"
 ) -> TokenDocuments:
-    """The task's documents tokenized in memory, framed like every other corpus."""
-    return documents_from_texts(iter_seqio_texts(spec, feature=feature), tokenizer, add_bos)
+    """The task's documents, tokenized here when the task gives text, framed like every other corpus."""
+    framed = []
+    for value in iter_seqio_features(spec, feature=feature):
+        token_ids = value if isinstance(value, np.ndarray) else encode_to_array(tokenizer, value)
+        if token_ids.size and int(token_ids.max()) >= tokenizer.vocab_size:
+            raise DataError(
+                f"seqio task {spec!r} feature {feature!r} has token id {int(token_ids.max())}, outside the "
+                f"vocabulary of data.tokenizer ({tokenizer.vocab_size}); expected the task's vocabulary "
+                "to be data.tokenizer's model"
+            )
+        framed.append(frame_document(token_ids, tokenizer, add_bos))
+    return documents_from_token_lists(framed)
