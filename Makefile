@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-slow lint bench clean
+.PHONY: setup train test test-slow test-seqio lint bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,12 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The optional seqio source (seqio + TensorFlow, ~2.4 GB) in a venv of its own.
+test-seqio:
+	$(PYTHON) -m venv .venv-seqio
+	.venv-seqio/bin/python -m pip install --quiet -e ".[test,seqio]"
+	.venv-seqio/bin/python -m pytest -q tests/test_data_seqio.py
 
 lint: setup
 	$(VENV)/bin/ruff check plamo_jax configs launch tools tests benchmarks

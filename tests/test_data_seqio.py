@@ -48,11 +48,9 @@ def register_task(name: str, vocabulary, feature: str) -> None:
         ),
         preprocessors=[seqio.preprocessors.tokenize] if vocabulary is not None else [],
         output_features={
-            feature: seqio.Feature(
-                vocabulary or seqio.PassThroughVocabulary(1),
-                add_eos=False,
-                dtype=tf.int32 if vocabulary is not None else tf.string,
-            )
+            feature: seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)
+            if vocabulary is not None
+            else seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.string, rank=0)
         },
     )
 
@@ -73,7 +71,9 @@ def test_seqio_sentencepiece_task_gives_the_native_tokens(tmp_path):
     seqio = pytest.importorskip("seqio")
     from plamo_jax.data.tokenizer_training import TokenizerTrainingSettings, train_sentencepiece
 
-    model, _ = train_sentencepiece(["builtin"], tmp_path / "spm", TokenizerTrainingSettings(vocab_size=600))
+    model, _ = train_sentencepiece(
+        ["builtin"], tmp_path / "spm", TokenizerTrainingSettings(vocab_size=2000, model_type="bpe")
+    )
     register_task("plamo_jax_test_spm_task", seqio.SentencePieceVocabulary(str(model)), "text")
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS), "utf-8")
