@@ -128,3 +128,49 @@ def test_gradient_accumulation_equals_whole_batch(microbatches):
         accumulated_state["params"],
         whole_state["params"],
     )
+
+
+def loss_and_grads(config, params, batch, setup):
+    from plamo_jax.train.step import model_loss_sums
+
+    def loss(p):
+        objective, sums = model_loss_sums(setup.graphdef, p, batch, config.model, config.train.z_loss)
+        return objective / sums["tokens"]
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("policy", ["save_dots", "full"])
+def test_rematerialisation_does_not_change_loss_or_gradients(policy):
+    config = small_config()
+    mesh, rules = mesh_of(data=1), mesh_rules(config)
+    setup = state_lib.setup_model(config.model, mesh, rules)
+    params = state_lib.init_params(config.model, setup, seed=0)
+    batch = random_batch(np.random.default_rng(5), 4, 16, config.model.vocab_size)
+    expected_loss, expected_grads = loss_and_grads(config, params, batch, setup)
+    config.model.remat = policy
+    remat_setup = state_lib.setup_model(config.model, mesh, rules)
+    loss, grads = loss_and_grads(config, params, batch, remat_setup)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, expected_grads)
+
+
+def test_bfloat16_compute_keeps_fp32_parameters_and_loss():
+    config = small_config()
+    mesh, rules = mesh_of(data=1), mesh_rules(config)
+    setup = state_lib.setup_model(config.model, mesh, rules)
+    params = state_lib.init_params(config.model, setup, seed=0)
+    batch = random_batch(np.random.default_rng(6), 4, 16, config.model.vocab_size)
+    fp32_loss, _ = loss_and_grads(config, params, batch, setup)
+    config.model.dtype = "bfloat16"
+    bf16_setup = state_lib.setup_model(config.model, mesh, rules)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(bf16_setup.abstract_params))
+    bf16_loss, bf16_grads = loss_and_grads(config, params, batch, bf16_setup)
+    assert bf16_loss.dtype == jnp.float32
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(bf16_grads))
+    np.testing.assert_allclose(bf16_loss, fp32_loss, rtol=2e-2)
+    model = nnx.merge(bf16_setup.graphdef, params)
+    logits, _ = model(
+        jnp.asarray(batch["input_ids"]), jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["positions"])
+    )
+    assert logits.dtype == jnp.float32
