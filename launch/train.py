@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from plamo_jax.configuration import ConfigError
 from plamo_jax.data.errors import DataError
 from plamo_jax.parallel.mesh import maybe_initialize_distributed
+from plamo_jax.parallel.rules import ShardingError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/tiny.py", "Recipe file (get_config()).", lock_config=True
@@ -35,7 +36,7 @@ def main(argv):
 
     try:
         result = train(_CONFIG.value)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, ShardingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(
@@ -54,9 +55,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-        bad = [arg for arg in argv[1:] if arg.startswith("--config.")]
-        message = str(error).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip("'\" ")
-        print(f"error: bad config override {' '.join(bad) or ''}: {message}", file=sys.stderr)
+        message = str(error).strip("'\"").replace("\\'", "'").replace("\\n", "; ").replace("\n", "; ")
+        overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
+        named = [key for key in overrides if key.rsplit(".", 1)[-1] in message or key in message]
+        print(f"error: bad config override {named[0] if named else ''}: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,7 +1,10 @@
 """PLaMo 2 export: mlx-lm's independent `plamo2` port loads our checkpoint and computes our logits."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +14,11 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from plamo_jax.configuration import default_config
+from plamo_jax.configuration import default_config, load_recipe
 from plamo_jax.convert import plamo2
 from plamo_jax.models.decoder import Decoder
 from plamo_jax.models.ssm import inverse_softplus
+from plamo_jax.train.checkpoint import load_params, save_params
 
 
 def tiny_cfg(num_kv_heads: int, tie: bool = True) -> ml_collections.ConfigDict:
@@ -99,8 +103,10 @@ def test_export_import_round_trip(tmp_path):
         assert expected == value, key
     imported = dict(plamo2.import_params(tensors.__getitem__, cfg))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
     assert sorted(imported) == sorted(flat)
     for path, value in flat.items():
         np.testing.assert_array_equal(imported[path], np.asarray(value), err_msg=path)
@@ -114,20 +120,39 @@ def test_in_proj_interleaves_z_and_x_per_head():
     in_proj = tensors["model.layers.layers.2.mixer.in_proj.weight"]  # [2 * H * P, D]
     ours = np.asarray(params["blocks"]["layer_0"]["mixer"]["in_proj"][1])  # group 1, layer 0 = layer 2
     head, p = 2, 8
-    np.testing.assert_array_equal(in_proj[head * 2 * p: head * 2 * p + p], ours[:, head, 0].T)  # z_h
-    np.testing.assert_array_equal(in_proj[head * 2 * p + p: (head + 1) * 2 * p], ours[:, head, 1].T)  # x_h
+    np.testing.assert_array_equal(in_proj[head * 2 * p : head * 2 * p + p], ours[:, head, 0].T)  # z_h
+    np.testing.assert_array_equal(in_proj[head * 2 * p + p : (head + 1) * 2 * p], ours[:, head, 1].T)  # x_h
 
 
 def test_model_overrides_reads_published_1b_config_and_rejects_unknown_values():
     published = {
-        "architectures": ["Plamo2ForCausalLM"], "model_type": "plamo2", "hidden_size": 2048,
-        "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 1,
-        "hidden_size_per_head": 128, "intermediate_size": 8192, "mamba_d_state": 64, "mamba_d_conv": 4,
-        "mamba_num_heads": 32, "mamba_step": 2, "mamba_chunk_size": 256, "mamba_enabled": True,
-        "attention_window_size": 2048, "sliding_window": 2048, "full_attention_idx": [],
-        "max_position_embeddings": 10485760, "rms_norm_eps": 1e-6, "vocab_size": 100000,
-        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "rope_theta": 10000.0,
-        "linear_type": "fp8", "fp8_accum_dtype": "bfloat16", "n_expert": None,
+        "architectures": ["Plamo2ForCausalLM"],
+        "model_type": "plamo2",
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 1,
+        "hidden_size_per_head": 128,
+        "intermediate_size": 8192,
+        "mamba_d_state": 64,
+        "mamba_d_conv": 4,
+        "mamba_num_heads": 32,
+        "mamba_step": 2,
+        "mamba_chunk_size": 256,
+        "mamba_enabled": True,
+        "attention_window_size": 2048,
+        "sliding_window": 2048,
+        "full_attention_idx": [],
+        "max_position_embeddings": 10485760,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": 100000,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "rope_theta": 10000.0,
+        "linear_type": "fp8",
+        "fp8_accum_dtype": "bfloat16",
+        "n_expert": None,
     }
     overrides = plamo2.model_overrides(published)
     assert overrides["attention_window"] == 2048 and overrides["ssm_num_heads"] == 32
@@ -147,3 +172,39 @@ def test_exported_tensors_are_c_contiguous():
     params = nnx.to_pure_dict(nnx.state(random_model(cfg, seed=9), nnx.Param))
     for name, value in plamo2.export_tensors(params, cfg):
         assert value.flags["C_CONTIGUOUS"] and value.dtype == np.float32, name
+
+
+def test_conversion_tool_round_trips_a_plamo2_checkpoint(tmp_path):
+    """Orbax -> PLaMo 2 HF -> Orbax through tools/convert_checkpoint.py gives back every parameter."""
+    config = load_recipe("plamo2_tiny")
+    params = nnx.to_pure_dict(nnx.state(Decoder(config.model, rngs=nnx.Rngs(3))))
+    save_params(tmp_path / "ckpt", params, config)
+    tool = [
+        sys.executable,
+        str(pathlib.Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"),
+    ]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    for args in (
+        ["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--dtype", "fp32"],
+        [
+            "from-hf",
+            "--hf",
+            str(tmp_path / "hf"),
+            "--out",
+            str(tmp_path / "back"),
+            "--config",
+            "configs/plamo2_tiny.py",
+        ],
+    ):
+        done = subprocess.run(
+            [*tool, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=pathlib.Path(__file__).resolve().parents[1],
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Plamo2ForCausalLM"]
+    restored, restored_config = load_params(tmp_path / "back")
+    assert restored_config.model.family == "hybrid"
+    jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(params))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from plamo_jax.configuration import default_config, load_recipe
 from plamo_jax.convert import hf
+from plamo_jax.train.checkpoint import CheckpointError
 
 
 def recipe_or_defaults(path: str | None):
@@ -95,5 +96,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except hf.ConversionError as error:
+    except (hf.ConversionError, CheckpointError, ValueError) as error:
         sys.exit(f"error: {error}")

@@ -13,7 +13,7 @@ Our attention and Mamba layers share PLaMo 2's `hidden_size_per_head`, so head_d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -215,7 +215,8 @@ def _mixer_names(cfg, layer_index: int) -> list[str]:
 
 
 def _index(tree, g: int):
-    if isinstance(tree, dict):
+    """Layer g of a stacked subtree (a dict, or the converter's lazily-read checkpoint Mapping)."""
+    if isinstance(tree, Mapping):
         return {k: _index(v, g) for k, v in tree.items()}
     return np.asarray(tree[g], dtype=np.float32)
 
