@@ -134,3 +134,51 @@ def test_moe_recipe_trains_with_expert_parallelism(tmp_path):
     usage = [k for k in metrics[-1] if k.startswith("aux/tokens_per_expert/")]
     assert usage and sum(metrics[-1][k] for k in usage) > 0
     assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+def test_continual_pretraining_starts_from_init_params(tmp_path):
+    """checkpoint.init_params: a new run starts from given parameters; a different architecture is refused."""
+    first = tmp_path / "first"
+    run(
+        [
+            "--config",
+            "configs/tiny.py",
+            "--config.train.steps=40",
+            "--config.checkpoint.every_steps=40",
+            f"--config.train.output_dir={first}",
+        ]
+    )
+    start = read_metrics(first)
+    second = tmp_path / "second"
+    run(
+        [
+            "--config",
+            "configs/tiny.py",
+            "--config.train.steps=2",
+            "--config.checkpoint.enabled=False",
+            f"--config.checkpoint.init_params={first / 'checkpoints'}",
+            f"--config.train.output_dir={second}",
+        ]
+    )
+    continued = read_metrics(second)
+    assert continued[0]["cross_entropy"] < start[0]["cross_entropy"] - 1.0
+    assert abs(continued[0]["cross_entropy"] - start[-1]["cross_entropy"]) < 0.5
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--config",
+            "configs/tiny.py",
+            "--config.model.d_model=64",
+            f"--config.checkpoint.init_params={first / 'checkpoints'}",
+            f"--config.train.output_dir={tmp_path / 'x'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 2
+    assert "checkpoint.init_params" in refused.stderr and "model.d_model=64" in refused.stderr

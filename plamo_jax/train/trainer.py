@@ -17,6 +17,7 @@ from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import flops as flops_lib
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.checkpoint import Checkpointer, load_params
+from plamo_jax.train.checkpoint import load_config as load_checkpoint_config
 from plamo_jax.train.metrics import MetricsWriter, Progress, flatten_metrics
 from plamo_jax.train.optimizer import make_optimizer
 from plamo_jax.train.step import make_train_step
@@ -53,6 +54,53 @@ class PreemptionFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+# Model keys that decide which parameters exist and what they mean; they must match an init checkpoint.
+ARCHITECTURE_KEYS = (
+    "family",
+    "vocab_size",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "mlp_dim",
+    "qk_norm",
+    "tie_embeddings",
+    "mamba_step",
+    "ssm_num_heads",
+    "ssm_head_dim",
+    "ssm_state_dim",
+    "ssm_conv_width",
+    "num_experts",
+    "num_shared_experts",
+    "expert_mlp_dim",
+)
+# Keys a continued run may change on purpose (context extension, PLaMo 2's switch to full attention).
+CHANGEABLE_KEYS = ("rope_theta", "norm_eps", "attention_window", "full_attention_layers")
+
+
+def check_init_params_config(config: ml_collections.ConfigDict) -> None:
+    path = config.checkpoint.init_params
+    saved = load_checkpoint_config(path).model
+    ours = config.model
+    mismatched = [key for key in ARCHITECTURE_KEYS if key in saved and saved[key] != ours[key]]
+    if mismatched:
+        listed = ", ".join(f"model.{k}={ours[k]!r} (checkpoint: {saved[k]!r})" for k in mismatched)
+        raise ConfigError(
+            f"config key checkpoint.init_params={path!r}: the checkpoint's model differs in {listed}; "
+            "expected the recipe to describe the same architecture"
+        )
+    for key in CHANGEABLE_KEYS:
+        if key in saved and saved[key] != ours[key]:
+            log.warning(
+                "model.%s=%r differs from the init checkpoint's %r; continuing with %r",
+                key,
+                ours[key],
+                saved[key],
+                ours[key],
+            )
 
 
 def make_checkpointer(config: ml_collections.ConfigDict) -> Checkpointer | None:
@@ -101,6 +149,7 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
             data.set_state(data_state)
     if state is None and config.checkpoint.init_params:
         # Continual pre-training: parameters from a converted or upcycled checkpoint, fresh optimizer.
+        check_init_params_config(config)
         params, _ = load_params(config.checkpoint.init_params, shardings=setup.param_shardings)
         state = state_lib.init_state(config.model, setup, optimizer, t.seed, params=params)
         log.info("initialised parameters from %s", config.checkpoint.init_params)
