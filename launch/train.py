@@ -31,6 +31,7 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain log every save and read at INFO
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("plamo_jax").setLevel(logging.INFO)  # absl lowered the root logger to WARNING
     maybe_initialize_distributed()
     from plamo_jax.train.trainer import train  # after jax.distributed starts
 

@@ -103,6 +103,36 @@ def check_init_params_config(config: ml_collections.ConfigDict) -> None:
             )
 
 
+def log_data_summary(data) -> None:
+    """What the pipeline read: documents and tokens per corpus, and every skipped record by reason."""
+    for corpus in data.stats()["corpora"]:
+        report = corpus["read_report"]
+        log.info(
+            "data %s (weight %g): %d documents, %d tokens per epoch",
+            corpus["source"],
+            corpus["weight"],
+            corpus["documents"],
+            corpus["tokens_per_epoch"],
+        )
+        if report.get("skipped"):
+            log.warning(
+                "data %s: skipped bad input %s (first: %s); data.on_bad_input=fail stops instead",
+                corpus["source"],
+                report["skipped"],
+                report.get("examples", [])[:3],
+            )
+
+
+def data_metrics(data) -> dict[str, float]:
+    stats = data.stats()
+    shares = {f"data/token_share/{i}": share for i, share in enumerate(stats["token_share_per_corpus"])}
+    return {
+        "data/packing_efficiency": stats["packing_efficiency"],
+        "data/loss_token_fraction": stats["loss_token_fraction"],
+        **shares,
+    }
+
+
 def make_checkpointer(config: ml_collections.ConfigDict) -> Checkpointer | None:
     c = config.checkpoint
     if not c.enabled:
@@ -139,6 +169,8 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
             f"config key model.vocab_size={config.model.vocab_size}: expected at least the tokenizer's "
             f"vocabulary of {data.tokenizer.vocab_size} ({config.data.tokenizer})"
         )
+    if is_main:
+        log_data_summary(data)
     checkpointer = make_checkpointer(config)
 
     state = None
@@ -195,20 +227,21 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
         fetched = jax.device_get([m for _, m in pending])
         elapsed = time.perf_counter() - interval_start
         tokens_per_second = interval_steps * tokens_per_step / elapsed
-        throughput = {
+        interval_metrics = {
             "perf/tokens_per_second": tokens_per_second,
             "perf/step_seconds": elapsed / interval_steps,
+            **data_metrics(data),
         }
         if peak:
-            throughput["perf/mfu"] = tokens_per_second * flops_per_token / (jax.device_count() * peak)
+            interval_metrics["perf/mfu"] = tokens_per_second * flops_per_token / (jax.device_count() * peak)
         for (step, _), values in zip(pending, fetched, strict=True):
             last_metrics = flatten_metrics(values)
-            writer.write(step, last_metrics | (throughput if step == pending[-1][0] else {}))
+            writer.write(step, last_metrics | (interval_metrics if step == pending[-1][0] else {}))
         progress.update(
             len(pending),
             loss=f"{last_metrics['loss']:.4f}",
             tok_s=f"{tokens_per_second:,.0f}",
-            **({"mfu": f"{throughput['perf/mfu']:.1%}"} if peak else {}),
+            **({"mfu": f"{interval_metrics['perf/mfu']:.1%}"} if peak else {}),
         )
         pending.clear()
         interval_start, interval_steps = time.perf_counter(), 0
