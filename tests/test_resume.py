@@ -12,8 +12,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 20, 4
-# Each run starts a process that compiles the model: well over a minute for the module on 2 CPU cores.
-pytestmark = pytest.mark.slow
 
 
 def train_command(output_dir: Path) -> list[str]:
@@ -103,9 +101,10 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, reference):
     assert len(steps) > len(set(steps))
 
 
-def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(tmp_path, reference):
+@pytest.mark.parametrize("preemption", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_preemption_signal_saves_a_final_checkpoint_and_exits_cleanly(tmp_path, reference, preemption):
     process = start_and_wait(tmp_path, lambda: max((s for s, _ in losses(tmp_path)), default=0) >= 2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(preemption)
     returncode = process.wait(timeout=300)
     assert returncode == 0, process.stderr.read()[-3000:]
     last_logged = max(s for s, _ in losses(tmp_path))
