@@ -167,3 +167,46 @@ def test_continual_pretraining_starts_from_init_params(tmp_path):
     )
     assert refused.returncode == 2
     assert "checkpoint.init_params" in refused.stderr and "model.d_model=64" in refused.stderr
+
+
+def test_preempting_one_host_stops_and_saves_on_all(tmp_path):
+    """SIGTERM to one of two processes: both save the same final step and exit cleanly (no hang)."""
+    import signal
+    import time
+
+    import psutil
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "launch/local_multiprocess.py",
+            "--processes",
+            "2",
+            "--devices-per-process",
+            "1",
+            "--",
+            "--config",
+            "configs/tiny.py",
+            "--config.train.steps=500",
+            "--config.train.log_every=1",
+            "--config.checkpoint.every_steps=1000",
+            f"--config.train.output_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (tmp_path / "metrics.jsonl").exists() and len(read_metrics(tmp_path)) >= 3:
+            break
+        time.sleep(0.5)
+    workers = psutil.Process(launcher.pid).children()
+    assert len(workers) == 2
+    workers[1].send_signal(signal.SIGTERM)  # process 1 only; process 0 writes the metrics
+    assert launcher.wait(timeout=300) == 0, launcher.stderr.read()[-3000:]
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] == read_metrics(tmp_path)[-1]["step"] < 500

@@ -9,6 +9,8 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from plamo_jax.configuration import ConfigError, mesh_rules, validate_config
 from plamo_jax.data.pipeline import make_train_iterator, validate_data_config
@@ -50,6 +52,12 @@ class PreemptionFlag:
     def _handle(self, signum, frame):
         log.warning("received signal %s: saving a checkpoint and stopping", signal.Signals(signum).name)
         self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any process was signalled; every host must stop (and save) at the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(multihost_utils.process_allgather(np.asarray(self.requested)).any())
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -254,11 +262,12 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
             interval_steps += 1
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 flush_metrics()
+            stop = preemption.agreed()
             if checkpointer is not None:
-                force = preemption.requested or step + 1 == t.steps
+                force = stop or step + 1 == t.steps
                 if checkpointer.maybe_save(step + 1, state, data.get_state(), config.to_json(), force=force):
                     flush_metrics()
-            if preemption.requested:
+            if stop:
                 preempted = True
                 break
         flush_metrics()
