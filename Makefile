@@ -1,5 +1,5 @@
 # Two entry points: `make train` (set up + train the tiny default model) and `make test`.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -28,7 +28,7 @@ test-slow: setup
 # The optional seqio source (seqio + TensorFlow, ~2.4 GB) in a venv of its own.
 test-seqio:
 	$(PYTHON) -m venv .venv-seqio
-	.venv-seqio/bin/python -m pip install --quiet -e ".[test,seqio]"
+	.venv-seqio/bin/python -m pip install --quiet -c constraints-seqio.txt -e ".[test,seqio]"
 	.venv-seqio/bin/python -m pytest -q tests/test_data_seqio.py
 
 lint: setup

@@ -3,12 +3,16 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import psutil
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from plamo_jax.configuration import load_recipe
 from plamo_jax.data.pipeline import make_train_iterator
@@ -59,8 +63,6 @@ def test_default_run_learns_well_below_unigram_entropy(tmp_path):
     logged = [m for m in metrics if "perf/tokens_per_second" in m]
     assert logged and all(m["perf/mfu"] > 0 and m["data/packing_efficiency"] == 1.0 for m in logged)
     assert "documents" in result.stderr  # the data summary names what was read
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert len(events.Scalars("loss")) == len(metrics)
@@ -171,11 +173,6 @@ def test_continual_pretraining_starts_from_init_params(tmp_path):
 
 def test_preempting_one_host_stops_and_saves_on_all(tmp_path):
     """SIGTERM to one of two processes: both save the same final step and exit cleanly (no hang)."""
-    import signal
-    import time
-
-    import psutil
-
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     launcher = subprocess.Popen(
         [
