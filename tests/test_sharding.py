@@ -3,9 +3,11 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import mesh_of, random_batch, small_config
 
 from plamo_jax.configuration import mesh_rules
+from plamo_jax.models import attention as attention_module
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.optimizer import make_optimizer
@@ -98,3 +100,40 @@ def test_parameters_are_born_sharded():
     assert {s.data.shape for s in embedding.addressable_shards} == {
         (embedding.shape[0] // 2, embedding.shape[1] // 4)
     }
+
+
+def test_sequence_parallelism_shards_activations_outside_attention():
+    """Under sequence=2, the residual stream is split along the sequence; attention sees whole sequences."""
+    config = small_config()
+    mesh = mesh_of(sequence=2, fsdp=4)
+    rules = mesh_rules(config)
+    setup = state_lib.setup_model(config.model, mesh, rules)
+    params = state_lib.init_params(config.model, setup, seed=0)
+    batch = jax.device_put(
+        random_batch(np.random.default_rng(1), 8, 16, config.model.vocab_size),
+        state_lib.batch_sharding(mesh, rules),
+    )
+    seen = {}
+    real_attention = attention_module.dot_product_attention
+
+    def recording_attention(q, k, v, mask):
+        jax.debug.inspect_array_sharding(k, callback=lambda s: seen.setdefault("keys", s))
+        return real_attention(q, k, v, mask)
+
+    def forward(params, batch):
+        model = nnx.merge(setup.graphdef, params)
+        x = model.embed_tokens(batch["input_ids"])
+        jax.debug.inspect_array_sharding(x, callback=lambda s: seen.setdefault("residual", s))
+        logits, _ = model(batch["input_ids"], batch["segment_ids"], batch["positions"])
+        return logits
+
+    attention_module.dot_product_attention = recording_attention
+    try:
+        with sharding_context(mesh, rules):
+            jax.jit(forward).lower(params, batch).compile()
+    finally:
+        attention_module.dot_product_attention = real_attention
+    residual = seen["residual"].shard_shape((8, 16, config.model.d_model))
+    assert residual == (2, 8, config.model.d_model)  # batch over fsdp=4, sequence over sequence=2
+    keys = seen["keys"].shard_shape((8, 16, config.model.num_kv_heads, config.model.head_dim))
+    assert keys[1] == 16  # whole sequence inside attention
