@@ -207,3 +207,31 @@ def test_preempting_one_host_stops_and_saves_on_all(tmp_path):
     assert launcher.wait(timeout=300) == 0, launcher.stderr.read()[-3000:]
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] == read_metrics(tmp_path)[-1]["step"] < 500
+
+
+def test_mesh_that_replicates_the_batch_across_hosts_is_refused(tmp_path):
+    """2 hosts x 1 device with tensor=2: both hosts would need every row, but each reads half."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "launch/local_multiprocess.py",
+            "--processes",
+            "2",
+            "--devices-per-process",
+            "1",
+            "--",
+            "--config",
+            "configs/tiny.py",
+            "--config.mesh.data=1",
+            "--config.mesh.tensor=2",
+            "--config.checkpoint.enabled=False",
+            f"--config.train.output_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "each process's devices hold 16 of the 16 batch rows" in result.stderr

@@ -113,6 +113,14 @@ def batch_sharding(mesh: Mesh, rules: rules_lib.Rules) -> NamedSharding:
     return NamedSharding(mesh, rules_lib.logical_to_spec(BATCH_LOGICAL_AXES, rules, mesh))
 
 
+def rows_per_process(sharding: NamedSharding, global_batch_size: int, seq_len: int) -> int:
+    """How many distinct batch rows this process's devices hold under `sharding`."""
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((global_batch_size, seq_len)).values():
+        rows.update(range(*index[0].indices(global_batch_size)))
+    return len(rows)
+
+
 def global_batch(local_batch: dict, sharding: NamedSharding, global_batch_size: int) -> dict:
     """Host-local rows -> global jax.Arrays laid out for the mesh (each host passes only its rows)."""
 

@@ -199,6 +199,14 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
 
     shardings = state_lib.state_shardings(setup, optimizer)
     batch_sharding = state_lib.batch_sharding(mesh, rules)
+    held = state_lib.rows_per_process(batch_sharding, t.global_batch_size, t.seq_len)
+    per_process = t.global_batch_size // jax.process_count()
+    if held != per_process:
+        raise ConfigError(
+            f"config section mesh: each process's devices hold {held} of the {t.global_batch_size} batch "
+            f"rows, but each of the {jax.process_count()} processes reads {per_process}; expected the batch "
+            "axes (data x fsdp x expert) to split the batch across processes"
+        )
     step_fn = jax.jit(
         make_train_step(
             setup.graphdef, optimizer, config.model, z_loss=t.z_loss, num_microbatches=t.microbatches
