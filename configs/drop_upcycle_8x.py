@@ -1,6 +1,6 @@
 """Drop-Upcycling paper setting: 8 experts, top-2, from the 3.7B dense model (llm-jp-3-3.7b shape).
 
-Total 18.5B parameters, 5.9B active per token. Build the starting checkpoint with
+Total 18.6B parameters, 5.9B active per token. Build the starting checkpoint with
 `tools/upcycle.py --ratio 0.5 --experts 8 --top-k 2 DENSE_CKPT MOE_CKPT` (re-initialisation ratio 0.5,
 whole neurons), then train with this recipe: load-balancing loss 0.02, AdamW (0.9, 0.95), eps 1e-8,
 weight decay 0.1, clipping 1.0, learning rate 2e-4 -> 2e-5 cosine after 2000 warm-up steps.

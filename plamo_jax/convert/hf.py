@@ -9,9 +9,12 @@ Each format module (`llama`, `qwen3`, `plamo2`, `mixtral`, `qwen3_moe`) provides
     import_params(read, model_cfg) -> Iterator[("blocks/attn/q_proj", stacked np.ndarray)]
 
 This module writes and reads safetensors (sharded, with an index), config.json, generation_config.json
-and tokenizer files, one tensor at a time so host memory stays near the largest tensor. Modules should
+and tokenizer files one tensor at a time. Our checkpoints stack each parameter over layers, so the unit
+read from an Orbax checkpoint is one stacked parameter: host memory stays near the largest stacked
+parameter (plus, on import, the arrays placed on host-backed devices such as CPUs). Modules should
 export parameter-major (all layers of one stacked parameter, then the next) so that a lazily read
-checkpoint (`LazyParams`) only holds one stacked parameter at a time.
+checkpoint (`LazyParams`) only holds one stacked parameter at a time (PLaMo 2 exports layer by layer
+and relies on the LazyParams cache instead).
 """
 
 from __future__ import annotations

@@ -30,11 +30,11 @@ def model_loss_sums(
     sums = cross_entropy_sums(logits, batch["target_ids"], batch["loss_mask"], z_loss)
     objective = sums["cross_entropy"] + sums["z_loss"]
     # Auxiliary losses (MoE) are per-token means per block: weight by tokens so sums stay additive.
+    # Logged unweighted (summed over blocks); the objective adds coefficient x that.
     for name, coefficient in auxiliary_loss_weights(model_cfg).items():
         if name in aux:
-            term = coefficient * jnp.sum(aux[name]) * sums["tokens"]
-            sums[name] = term
-            objective = objective + term
+            sums[name] = jnp.sum(aux[name]) * sums["tokens"]
+            objective = objective + coefficient * sums[name]
     for name, value in aux.items():  # statistics (per block, per expert): token-weighted like the rest
         if name not in sums:
             sums[f"aux/{name}"] = value.astype(jnp.float32) * sums["tokens"]
