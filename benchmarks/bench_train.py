@@ -22,7 +22,6 @@ from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import flops as flops_lib
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.optimizer import make_optimizer
-from plamo_jax.train.step import make_train_step
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int) -> dict[str, np.ndarray]:
@@ -41,21 +40,7 @@ def build_step(config):
     rules = mesh_rules(config)
     setup = state_lib.setup_model(config.model, mesh, rules)
     optimizer = make_optimizer(config.optimizer, config.train.steps)
-    shardings = state_lib.state_shardings(setup, optimizer)
-    batch_sharding = state_lib.batch_sharding(mesh, rules)
-    step = jax.jit(
-        make_train_step(
-            setup.graphdef,
-            optimizer,
-            config.model,
-            z_loss=config.train.z_loss,
-            num_microbatches=config.train.microbatches,
-        ),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
-    )
-    return mesh, rules, setup, optimizer, step
+    return mesh, rules, setup, optimizer, state_lib.jit_train_step(config, setup, optimizer)
 
 
 def counted_flops(config_path: str, batch_size: int, seq_len: int, batch) -> float:

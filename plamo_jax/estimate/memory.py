@@ -40,7 +40,7 @@ from plamo_jax.parallel.mesh import make_mesh, resolve_axis_sizes
 from plamo_jax.parallel.rules import MESH_AXES, Rules, logical_to_spec, sharding_context
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.optimizer import make_optimizer
-from plamo_jax.train.step import BATCH_KEYS, make_train_step
+from plamo_jax.train.step import BATCH_KEYS
 
 GIB = 2**30
 SAFETY_FRACTION = 0.8  # Fujii et al.: no run whose estimate was <= 80% of device memory ran out of memory
@@ -516,12 +516,8 @@ def xla_memory(config: ml_collections.ConfigDict, devices: Sequence | None = Non
     rules = mesh_rules(config)
     setup = state_lib.setup_model(config.model, mesh, rules)
     optimizer = make_optimizer(config.optimizer, config.train.steps)
-    shardings = state_lib.state_shardings(setup, optimizer)
     batch_sharding = state_lib.batch_sharding(mesh, rules)
-    step = jax.jit(
-        make_train_step(setup.graphdef, optimizer, config.model, z_loss=config.train.z_loss,
-                        num_microbatches=config.train.microbatches),
-        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+    step = state_lib.jit_train_step(config, setup, optimizer)
     shape = (config.train.global_batch_size, config.train.seq_len)
     batch = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "loss_mask" else jnp.int32,
                                        sharding=batch_sharding) for key in BATCH_KEYS}

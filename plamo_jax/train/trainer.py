@@ -22,7 +22,6 @@ from plamo_jax.train.checkpoint import Checkpointer, load_params
 from plamo_jax.train.checkpoint import load_config as load_checkpoint_config
 from plamo_jax.train.metrics import MetricsWriter, Progress, flatten_metrics
 from plamo_jax.train.optimizer import make_optimizer
-from plamo_jax.train.step import make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +196,6 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
         state = state_lib.init_state(config.model, setup, optimizer, t.seed)
     start_step = int(state["step"])
 
-    shardings = state_lib.state_shardings(setup, optimizer)
     batch_sharding = state_lib.batch_sharding(mesh, rules)
     held = state_lib.rows_per_process(batch_sharding, t.global_batch_size, t.seq_len)
     per_process = t.global_batch_size // jax.process_count()
@@ -207,14 +205,7 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
             f"rows, but each of the {jax.process_count()} processes reads {per_process}; expected the batch "
             "axes (data x fsdp x expert) to split the batch across processes"
         )
-    step_fn = jax.jit(
-        make_train_step(
-            setup.graphdef, optimizer, config.model, z_loss=t.z_loss, num_microbatches=t.microbatches
-        ),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
-    )
+    step_fn = state_lib.jit_train_step(config, setup, optimizer)
 
     num_params = state_lib.parameter_count(setup.abstract_params)
     tokens_per_step = t.global_batch_size * t.seq_len
