@@ -1,8 +1,9 @@
 """PLaMo 2 8B shapes: 32 layers of width 4096, 32 query / 4 KV heads, 64 Mamba heads, MLP 16384.
 
-With tied embeddings this is 9,118,372,864 parameters (the published pfnet/plamo-2-8b size, "9.1B");
-an untied head (as in the PLaMo 2 translate checkpoints) adds 409,600,000. The rest (norms, state size,
-window, no-decay list) is as in plamo2_1b.
+Shapes from llama.cpp's PLaMo 2 converter log and mlx-lm's defaults (the published config.json could
+not be read when this was written). Tied embeddings give 9,118,372,864 parameters; an untied head adds
+409,600,000, which is what that log's 35.50 GiB fp32 file suggests. Check tie_embeddings against the
+published config.json. The rest (norms, state size, window, no-decay list) is as in plamo2_1b.
 """
 
 from plamo_jax.configuration import load_recipe
