@@ -171,25 +171,33 @@ def test_continual_pretraining_starts_from_init_params(tmp_path):
     assert "checkpoint.init_params" in refused.stderr and "model.d_model=64" in refused.stderr
 
 
+def two_host_command(output_dir: Path, *overrides: str) -> list[str]:
+    """The tiny recipe on 2 local processes of 1 CPU device each (jax.distributed over gloo)."""
+    return [
+        sys.executable,
+        "launch/local_multiprocess.py",
+        "--processes",
+        "2",
+        "--devices-per-process",
+        "1",
+        "--",
+        "--config",
+        "configs/tiny.py",
+        *overrides,
+        f"--config.train.output_dir={output_dir}",
+    ]
+
+
 def test_preempting_one_host_stops_and_saves_on_all(tmp_path):
     """SIGTERM to one of two processes: both save the same final step and exit cleanly (no hang)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     launcher = subprocess.Popen(
-        [
-            sys.executable,
-            "launch/local_multiprocess.py",
-            "--processes",
-            "2",
-            "--devices-per-process",
-            "1",
-            "--",
-            "--config",
-            "configs/tiny.py",
+        two_host_command(
+            tmp_path,
             "--config.train.steps=500",
             "--config.train.log_every=1",
             "--config.checkpoint.every_steps=1000",
-            f"--config.train.output_dir={tmp_path}",
-        ],
+        ),
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -212,21 +220,9 @@ def test_preempting_one_host_stops_and_saves_on_all(tmp_path):
 def test_mesh_that_replicates_the_batch_across_hosts_is_refused(tmp_path):
     """2 hosts x 1 device with tensor=2: both hosts would need every row, but each reads half."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "launch/local_multiprocess.py",
-            "--processes",
-            "2",
-            "--devices-per-process",
-            "1",
-            "--",
-            "--config",
-            "configs/tiny.py",
-            "--config.mesh.data=1",
-            "--config.mesh.tensor=2",
-            "--config.checkpoint.enabled=False",
-            f"--config.train.output_dir={tmp_path}",
-        ],
+        two_host_command(
+            tmp_path, "--config.mesh.data=1", "--config.mesh.tensor=2", "--config.checkpoint.enabled=False"
+        ),
         cwd=ROOT,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
         capture_output=True,

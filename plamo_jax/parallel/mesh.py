@@ -59,12 +59,10 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) 
     dcn_shape = [dcn[a] for a in MESH_AXES]
     if math.prod(dcn_shape) > 1:
         grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
-    else:
-        try:
-            grid = mesh_utils.create_device_mesh(ici_shape, devices=devices)
-        except (ValueError, NotImplementedError, AssertionError):
-            # Topology-aware placement only knows some platforms (e.g. not simulated CPU devices).
-            grid = np.array(devices).reshape(ici_shape)
+    elif devices[0].platform in ("gpu", "tpu"):
+        grid = mesh_utils.create_device_mesh(ici_shape, devices=devices)  # topology-aware placement
+    else:  # CPU devices have no interconnect topology to follow
+        grid = np.array(devices).reshape(ici_shape)
     return Mesh(grid, MESH_AXES)
 
 
