@@ -1,9 +1,12 @@
 """PLaMo 2 8B shapes: 32 layers of width 4096, 32 query / 4 KV heads, 64 Mamba heads, MLP 16384.
 
-Shapes from llama.cpp's PLaMo 2 converter log and mlx-lm's defaults (the published config.json could
-not be read when this was written). Tied embeddings give 9,118,372,864 parameters; an untied head adds
-409,600,000, which is what that log's 35.50 GiB fp32 file suggests. Check tie_embeddings against the
-published config.json. The rest (norms, state size, window, no-decay list) is as in plamo2_1b.
+Shapes from llama.cpp's PLaMo 2 converter log and mlx-lm's defaults; the rest (norms, state size,
+window, no-decay list) is as in plamo2_1b. Tied embeddings: 9,118,372,864 parameters. The published
+config.json was not readable here, so the tie was settled by file sizes reported for the downloaded
+pfnet/plamo-2-8b: a 34 G fp32 snapshot and a 9.1 G Q8_0 GGUF, against 33.97 GiB / 9.02 GiB tied and
+35.49 GiB / 9.43 GiB with an untied head (the same report gives 4.9 G / 1.3 G for the 1B, whose tied
+count 1,291,441,920 is 4.81 GiB / 1.28 GiB). The 35.50 GiB fp32 GGUF in llama.cpp's PLaMo 2 pull request
+(100,032 tokens) fits an untied head over a padded vocabulary instead: a different checkpoint.
 """
 
 from plamo_jax.configuration import load_recipe
