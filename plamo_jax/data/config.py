@@ -21,11 +21,17 @@ def data_defaults() -> ml_collections.ConfigDict:
     d.eos_token = ""
     d.pad_token = ""
     d.text_field = "text"  # JSONL / Parquet column holding the document text
+    # text: documents of plain text, every token learned. chat: JSONL conversations for SFT
+    # (`builtin_chat` is a bundled set), only assistant output learned (plamo_jax/posttrain/sft.py).
+    d.format = "text"
+    d.messages_field = "messages"  # chat: the field holding [{"role", "content"}, ...]
+    d.chat_template = "chatml"  # chat: chatml | llama3 | plain
     d.add_bos = True  # prepend BOS to every document (EOS is always appended)
     d.shuffle = True  # a new seeded document order every epoch
     # concat: documents back to back, rows cut every seq_len tokens (no padding).
     # pad: every row starts at a document start; long documents continue in following rows and
     # the rest of a row is padding.
+    # fit: whole documents share rows and are never split (SFT); longer ones are cut to seq_len + 1.
     d.packing = "concat"
     d.on_bad_input = "skip"  # skip (count and report) | fail (raise at the first bad record)
     d.mixture_block_rows = 1000  # rows over which mixture weights are met exactly (up to rounding)

@@ -1,7 +1,9 @@
 """Tokenized documents with random access, held in memory or memory-mapped from shard files.
 
 Documents are stored already framed (optional BOS, then the text's tokens, then EOS), so the
-packer never needs to know which tokenizer produced them.
+packer never needs to know which tokenizer produced them. A document may carry a target mask (one
+byte per token: 1 where predicting that token counts in the loss), as chat documents for SFT do;
+documents without one learn every token.
 """
 
 from __future__ import annotations
@@ -22,13 +24,20 @@ class DocumentPart:
     """
 
     def __init__(
-        self, offsets: np.ndarray, tokens: np.ndarray | None = None, tokens_path: Path | None = None
+        self,
+        offsets: np.ndarray,
+        tokens: np.ndarray | None = None,
+        tokens_path: Path | None = None,
+        target_mask: np.ndarray | None = None,
     ):
         if (tokens is None) == (tokens_path is None):
             raise ValueError("DocumentPart needs exactly one of tokens or tokens_path")
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self._tokens = tokens
         self.tokens_path = tokens_path
+        if target_mask is not None and len(target_mask) != self.offsets[-1]:
+            raise ValueError(f"target mask has {len(target_mask)} entries for {self.offsets[-1]} tokens")
+        self.target_mask = target_mask
 
     @property
     def tokens(self) -> np.ndarray:
@@ -60,13 +69,29 @@ class TokenDocuments:
             np.concatenate([np.diff(part.offsets) for part in parts]) if parts else np.zeros(0, np.int64)
         )
         self.total_tokens = int(self.lengths.sum())
+        masked = {part.target_mask is not None for part in parts}
+        if len(masked) > 1:
+            raise ValueError("either every part of a corpus has target masks or none has")
+        self.has_target_masks = masked == {True}
 
-    def document(self, index: int) -> np.ndarray:
+    def _locate(self, index: int) -> tuple[DocumentPart, int, int]:
         part_index = int(np.searchsorted(self._part_starts, index, side="right")) - 1
         part = self.parts[part_index]
         local = index - int(self._part_starts[part_index])
-        start, end = int(part.offsets[local]), int(part.offsets[local + 1])
+        return part, int(part.offsets[local]), int(part.offsets[local + 1])
+
+    def document(self, index: int) -> np.ndarray:
+        part, start, end = self._locate(index)
         return np.asarray(part.tokens[start:end], dtype=np.int32)
+
+    def target_mask(self, index: int) -> np.ndarray:
+        """1 where predicting the token counts in the loss (all ones for a document without a mask)."""
+        part, start, end = self._locate(index)
+        if part.target_mask is None:
+            mask = np.ones(end - start, np.uint8)
+            mask[0] = 0  # a document's first token has nothing before it to predict from
+            return mask
+        return np.asarray(part.target_mask[start:end], dtype=np.uint8)
 
 
 def frame_document(token_ids: np.ndarray, tokenizer: Tokenizer, add_bos: bool) -> np.ndarray:
@@ -82,8 +107,13 @@ def documents_from_texts(texts: Iterable[str], tokenizer: Tokenizer, add_bos: bo
     return documents_from_token_lists(framed)
 
 
-def documents_from_token_lists(framed: list[np.ndarray]) -> TokenDocuments:
+def documents_from_token_lists(
+    framed: list[np.ndarray], target_masks: list[np.ndarray] | None = None
+) -> TokenDocuments:
     if not framed:
         return TokenDocuments([])
     offsets = np.concatenate([[0], np.cumsum([len(doc) for doc in framed])])
-    return TokenDocuments([DocumentPart(offsets, tokens=np.concatenate(framed).astype(np.int32))])
+    mask = None if target_masks is None else np.concatenate(target_masks).astype(np.uint8)
+    return TokenDocuments(
+        [DocumentPart(offsets, tokens=np.concatenate(framed).astype(np.int32), target_mask=mask)]
+    )

@@ -5,7 +5,12 @@ of consecutive epochs form one endless token stream; row k is the window of seq_
 starts at stream position k * seq_len (windows overlap by one token, so every token is an input
 exactly once and every next-token pair is a target exactly once per epoch). In `pad` packing a
 row never holds two documents: document d fills ceil((len_d - 1) / seq_len) rows and the last is
-padded.
+padded. In `fit` packing (for SFT) whole documents share rows and are never split: they are packed
+once, best fit in decreasing length, into rows of seq_len + 1 tokens (a longer document is cut to
+that), and each epoch visits those rows in a seeded order.
+
+A token's target counts in the loss when it belongs to the same document as its input and its
+document's target mask (see documents.py) allows it.
 
 Positions count from 0 at each document start and also at the first token of a row that
 continues a document from the previous row (attention never sees across rows).
@@ -13,18 +18,24 @@ continues a document from the previous row (attention never sees across rows).
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from plamo_jax.data.documents import TokenDocuments
 from plamo_jax.data.errors import DataError
 from plamo_jax.data.lru import LruCache
 
-PACKING_CHOICES = ("concat", "pad")
+PACKING_CHOICES = ("concat", "pad", "fit")
 _EPOCH_CACHE_SIZE = 3
 
 
 def _row_arrays(
-    window: np.ndarray, document_ids: np.ndarray, seq_len: int, pad_id: int
+    window: np.ndarray,
+    document_ids: np.ndarray,
+    seq_len: int,
+    pad_id: int,
+    target_mask: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Batch fields from a window of up to seq_len + 1 tokens and the document each token belongs to."""
     real = len(window) - 1
@@ -38,6 +49,8 @@ def _row_arrays(
         input_ids[:real] = window[:-1]
         target_ids[:real] = window[1:]
         loss_mask[:real] = input_docs == document_ids[1:]
+        if target_mask is not None:
+            loss_mask[:real] *= target_mask[1:]
         starts = np.concatenate([[True], input_docs[1:] != input_docs[:-1]])
         segment_ids[:real] = np.cumsum(starts)
         start_index = np.flatnonzero(starts)
@@ -82,6 +95,11 @@ class PackedRows:
         self.pad_id = pad_id
         # Rows a document fills in `pad` packing; its len - 1 (input, target) pairs, seq_len per row.
         self._rows_per_document = np.maximum(1, -(-(documents.lengths - 1) // seq_len))
+        if packing == "fit":
+            self._fit_rows = fit_documents(documents.lengths, seq_len + 1)
+            self.truncated_documents = int(np.count_nonzero(documents.lengths > seq_len + 1))
+        else:
+            self.truncated_documents = 0
         self._epoch_cache = LruCache(_EPOCH_CACHE_SIZE)
 
     @property
@@ -93,6 +111,8 @@ class PackedRows:
         """Rows that cover one epoch (fractional in concat packing, where rows cross epochs)."""
         if self.packing == "concat":
             return self.tokens_per_epoch / self.seq_len
+        if self.packing == "fit":
+            return float(len(self._fit_rows))
         return float(self._rows_per_document.sum())
 
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,11 +120,13 @@ class PackedRows:
         return self._epoch_cache.get_or_compute(epoch, self._compute_epoch_order)
 
     def _compute_epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        count = self.documents.num_documents
+        count = len(self._fit_rows) if self.packing == "fit" else self.documents.num_documents
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.stream_id, epoch]).permutation(count)
         else:
             order = np.arange(count)
+        if self.packing == "fit":
+            return order, np.arange(count, dtype=np.int64)
         sizes = self.documents.lengths if self.packing == "concat" else self._rows_per_document
         starts = np.concatenate([[0], np.cumsum(sizes[order])[:-1]]).astype(np.int64)
         return order, starts
@@ -114,35 +136,83 @@ class PackedRows:
             raise IndexError(f"row index {index} < 0")
         if self.packing == "concat":
             return self._concat_row(index)
+        if self.packing == "fit":
+            return self._fit_row(index)
         return self._pad_row(index)
+
+    def _target_mask(self, document_index: int, begin: int, end: int) -> np.ndarray | None:
+        if not self.documents.has_target_masks:
+            return None
+        return self.documents.target_mask(document_index)[begin:end]
 
     def _concat_row(self, index: int) -> dict[str, np.ndarray]:
         epoch_tokens = self.tokens_per_epoch
         count = self.documents.num_documents
         position = index * self.seq_len
         needed = self.seq_len + 1
-        pieces, owners = [], []
+        pieces, owners, masks = [], [], []
         while needed > 0:
             epoch, offset = divmod(position, epoch_tokens)
             order, starts = self._epoch_order(epoch)
             slot = int(np.searchsorted(starts, offset, side="right")) - 1
-            document = self.documents.document(int(order[slot]))
+            document_index = int(order[slot])
+            document = self.documents.document(document_index)
             within = offset - int(starts[slot])
             piece = document[within : within + needed]
             pieces.append(piece)
+            masks.append(self._target_mask(document_index, within, within + len(piece)))
             # A document's identity is its slot in the endless stream, so a document met again in a
             # later epoch (or twice in one row of a tiny corpus) is still a new segment.
             owners.append(np.full(len(piece), epoch * count + slot, np.int64))
             position += len(piece)
             needed -= len(piece)
-        return _row_arrays(np.concatenate(pieces), np.concatenate(owners), self.seq_len, self.pad_id)
+        mask = None if masks[0] is None else np.concatenate(masks)
+        return _row_arrays(np.concatenate(pieces), np.concatenate(owners), self.seq_len, self.pad_id, mask)
 
     def _pad_row(self, index: int) -> dict[str, np.ndarray]:
         epoch, within_epoch = divmod(index, int(self._rows_per_document.sum()))
         order, starts = self._epoch_order(epoch)
         slot = int(np.searchsorted(starts, within_epoch, side="right")) - 1
         piece_index = within_epoch - int(starts[slot])
-        document = self.documents.document(int(order[slot]))
+        document_index = int(order[slot])
+        document = self.documents.document(document_index)
         begin = piece_index * self.seq_len
         window = document[begin : begin + self.seq_len + 1]
-        return _row_arrays(window, np.zeros(len(window), np.int64), self.seq_len, self.pad_id)
+        mask = self._target_mask(document_index, begin, begin + len(window))
+        return _row_arrays(window, np.zeros(len(window), np.int64), self.seq_len, self.pad_id, mask)
+
+    def _fit_row(self, index: int) -> dict[str, np.ndarray]:
+        epoch, within_epoch = divmod(index, len(self._fit_rows))
+        order, _ = self._epoch_order(epoch)
+        capacity = self.seq_len + 1
+        pieces, owners, masks = [], [], []
+        for slot, document_index in enumerate(self._fit_rows[int(order[within_epoch])]):
+            piece = self.documents.document(int(document_index))[:capacity]
+            pieces.append(piece)
+            owners.append(np.full(len(piece), slot, np.int64))
+            masks.append(self._target_mask(int(document_index), 0, len(piece)))
+        mask = None if masks[0] is None else np.concatenate(masks)
+        return _row_arrays(np.concatenate(pieces), np.concatenate(owners), self.seq_len, self.pad_id, mask)
+
+
+def fit_documents(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Document indices per row: best fit in decreasing length, each row holding <= capacity tokens.
+
+    A document longer than the capacity fills a row alone (it is cut to the capacity when read).
+    """
+    clipped = np.minimum(lengths, capacity)
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row) sorted: the best fit is the first that fits
+    for document in np.argsort(-clipped, kind="stable"):
+        size = int(clipped[document])
+        at = bisect.bisect_left(free, (size, -1))
+        if at == len(free):
+            rows.append([int(document)])
+            row, left = len(rows) - 1, capacity - size
+        else:
+            left, row = free.pop(at)
+            rows[row].append(int(document))
+            left -= size
+        if left > 0:
+            bisect.insort(free, (left, row))
+    return [np.asarray(row, np.int64) for row in rows]

@@ -31,6 +31,7 @@ from plamo_jax.data.tokenizer import Tokenizer, tokenizer_from_config
 
 BATCH_KEYS = ("input_ids", "target_ids", "segment_ids", "positions", "loss_mask")
 STATE_VERSION = 1
+FORMAT_CHOICES = ("text", "chat")
 _ENDLESS_ROWS = 1 << 50  # Grain datasets need a length; no run reads this many rows
 
 
@@ -73,6 +74,14 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
         raise DataError(f"data.worker_count={data_config.worker_count}; expected >= 0")
     if not data_config.text_field:
         raise DataError("data.text_field is empty; expected the name of the text field")
+    if data_config.format not in FORMAT_CHOICES:
+        raise DataError(f"data.format={data_config.format!r}; expected one of {FORMAT_CHOICES}")
+    if data_config.format == "chat":
+        from plamo_jax.posttrain.sft import chat_template
+
+        chat_template(data_config.chat_template)
+        if not data_config.messages_field:
+            raise DataError("data.messages_field is empty; expected the name of the messages field")
 
 
 @dataclasses.dataclass
@@ -85,6 +94,14 @@ class Corpus:
 
 def load_corpus(spec: CorpusSpec, tokenizer: Tokenizer, data_config: ml_collections.ConfigDict) -> Corpus:
     """A tokenized corpus directory (memory-mapped) or raw files / `builtin` (tokenized here)."""
+    if data_config.format == "chat":
+        from plamo_jax.posttrain.sft import chat_documents
+
+        report = ReadReport()
+        documents = chat_documents(spec.path, tokenizer, data_config, report)
+        if documents.num_documents == 0:
+            raise DataError(f"data.source entry {spec.path!r} yielded no conversations: {report.summary()}")
+        return Corpus(spec, documents, report, f"{spec.path} ({report.summary()}, chat)")
     if spec.path.startswith("seqio:"):
         from plamo_jax.data.seqio_source import seqio_documents
 
@@ -280,6 +297,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
             "add_bos": bool(self.data_config.add_bos),
             "shuffle": bool(self.data_config.shuffle),
             "packing": self.data_config.packing,
+            "format": self.data_config.format,
+            "chat_template": self.data_config.chat_template if self.data_config.format == "chat" else "",
             "mixture_block_rows": int(self.data_config.mixture_block_rows),
             "documents": [[c.documents.num_documents, c.documents.total_tokens] for c in self.corpora],
         }
@@ -352,6 +371,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
                     "documents": corpus.documents.num_documents,
                     "tokens_per_epoch": corpus.documents.total_tokens,
                     "rows_per_epoch": packed.rows_per_epoch,
+                    "truncated_documents": packed.truncated_documents,
                     "read_report": corpus.read_report.to_dict(),
                 }
                 for corpus, packed, weight in zip(

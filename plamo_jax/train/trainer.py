@@ -121,6 +121,12 @@ def log_data_summary(data) -> None:
             corpus["documents"],
             corpus["tokens_per_epoch"],
         )
+        if corpus["truncated_documents"]:
+            log.warning(
+                "data %s: %d documents are longer than train.seq_len + 1 and are cut (data.packing=fit)",
+                corpus["source"],
+                corpus["truncated_documents"],
+            )
         if report.get("skipped"):
             log.warning(
                 "data %s: skipped bad input %s (first: %s); data.on_bad_input=fail stops instead",

@@ -1,0 +1,182 @@
+"""Supervised fine-tuning data: chat records rendered with a template into tokens plus a target mask.
+
+A chat corpus is JSONL, one conversation per line: {"messages": [{"role": "user", "content": ...},
+{"role": "assistant", "content": ...}, ...]}. Only what the assistant says is learned: its content,
+the template's end-of-turn text and, after a final assistant turn, EOS (so the model learns to
+stop). The rendered documents go through the ordinary pipeline (packing `fit` keeps each
+conversation whole in one row), so SFT trains with the same launcher, sharding and checkpoints.
+
+Each piece (role header, content, end of turn) is encoded on its own, so a template's special
+tokens stay whole and the mask boundaries are exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from plamo_jax.data.documents import TokenDocuments, documents_from_token_lists
+from plamo_jax.data.errors import DataError
+from plamo_jax.data.sources import JSONL_SUFFIXES, ReadReport, list_input_files
+from plamo_jax.data.tokenizer import Tokenizer, encode_to_array
+
+ROLES = ("system", "user", "assistant")
+BUILTIN_CHAT = "builtin_chat"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    role_header: str  # "{role}" is replaced by the message's role
+    end_of_turn: str
+
+
+CHAT_TEMPLATES = {
+    "chatml": ChatTemplate("<|im_start|>{role}\n", "<|im_end|>\n"),
+    "llama3": ChatTemplate("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>"),
+    # For tokenizers without chat special tokens (the byte tokenizer, base models).
+    "plain": ChatTemplate("### {role}:\n", "\n\n"),
+}
+
+
+def chat_template(name: str) -> ChatTemplate:
+    if name not in CHAT_TEMPLATES:
+        raise DataError(f"data.chat_template={name!r}; expected one of {sorted(CHAT_TEMPLATES)}")
+    return CHAT_TEMPLATES[name]
+
+
+def render_conversation(
+    messages: list[dict], tokenizer: Tokenizer, template: ChatTemplate, add_bos: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, target mask): mask[t] = 1 where predicting token t is trained (assistant output)."""
+    pieces: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+
+    def add(ids: np.ndarray, learned: bool) -> None:
+        pieces.append(np.asarray(ids, np.int32))
+        masks.append(np.full(len(ids), int(learned), np.uint8))
+
+    if add_bos:
+        add(np.array([tokenizer.bos_id]), False)
+    for message in messages:
+        learned = message["role"] == "assistant"
+        add(encode_to_array(tokenizer, template.role_header.format(role=message["role"])), False)
+        add(encode_to_array(tokenizer, message["content"]), learned)
+        add(encode_to_array(tokenizer, template.end_of_turn), learned)
+    add(np.array([tokenizer.eos_id]), messages[-1]["role"] == "assistant")
+    return np.concatenate(pieces), np.concatenate(masks)
+
+
+def check_messages(record: object, messages_field: str) -> str | None:
+    """Why a record is not a usable conversation, or None if it is."""
+    if not isinstance(record, dict) or messages_field not in record:
+        return f"no {messages_field!r} field (data.messages_field)"
+    messages = record[messages_field]
+    if not isinstance(messages, list) or not messages:
+        return f"{messages_field!r} is not a non-empty list of messages"
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return f"message {index} has no role in {ROLES}"
+        if not isinstance(message.get("content"), str):
+            return f"message {index} has no string 'content'"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        return "no assistant message with content: nothing to learn"
+    return None
+
+
+def read_conversations(
+    path: Path, messages_field: str, report: ReadReport, on_bad_input: str
+) -> Iterator[list[dict]]:
+    with open(path, "rb") as f:
+        for line_number, raw_line in enumerate(f, start=1):
+            if not raw_line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(raw_line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                report.bad("bad_json", where, str(error), on_bad_input)
+                continue
+            problem = check_messages(record, messages_field)
+            if problem is not None:
+                report.bad("bad_conversation", where, problem, on_bad_input)
+                continue
+            report.documents += 1
+            report.text_bytes += sum(len(m["content"].encode("utf-8")) for m in record[messages_field])
+            yield record[messages_field]
+
+
+def chat_documents(
+    source: str, tokenizer: Tokenizer, data_config, report: ReadReport
+) -> TokenDocuments:
+    """Render every conversation of a JSONL file or directory (or `builtin_chat`) into documents."""
+    template = chat_template(data_config.chat_template)
+    if source == BUILTIN_CHAT:
+        conversations: Iterator[list[dict]] | list[list[dict]] = builtin_conversations()
+        report.documents += len(conversations)
+    else:
+        files = list_input_files(source, report, data_config.on_bad_input)
+        wrong = [str(f) for f in files if f.suffix not in JSONL_SUFFIXES]
+        if wrong:
+            raise DataError(
+                f"data.source entry {source!r}: data.format='chat' reads JSONL conversations; got {wrong[:3]}"
+            )
+        conversations = (
+            conversation
+            for file in files
+            for conversation in read_conversations(
+                file, data_config.messages_field, report, data_config.on_bad_input
+            )
+        )
+    tokens, masks = [], []
+    for conversation in conversations:
+        ids, mask = render_conversation(conversation, tokenizer, template, bool(data_config.add_bos))
+        tokens.append(ids)
+        masks.append(mask)
+    return documents_from_token_lists(tokens, masks)
+
+
+_ONES = "零 一 二 三 四 五 六 七 八 九".split()
+_ENGLISH = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen"
+).split()
+_TENS_ENGLISH = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def _kanji_number(n: int) -> str:
+    tens, ones = divmod(n, 10)
+    head = "" if tens == 0 else ("十" if tens == 1 else _ONES[tens] + "十")
+    return (head + (_ONES[ones] if ones else "")) or _ONES[0]
+
+
+def _english_number(n: int) -> str:
+    if n < 20:
+        return _ENGLISH[n]
+    tens, ones = divmod(n, 10)
+    return _TENS_ENGLISH[tens] + (f"-{_ENGLISH[ones]}" if ones else "")
+
+
+def builtin_conversations(count: int = 3000, seed: int = 0) -> list[list[dict]]:
+    """Small bilingual instruction data that needs no download: number words and sums, ja/en."""
+    rng = np.random.default_rng(seed)
+    conversations = []
+    for _ in range(count):
+        a, b = (int(x) for x in rng.integers(0, 50, size=2))
+        kind = int(rng.integers(0, 4))
+        if kind == 0:
+            turn = (f"{_kanji_number(a)}を英語で。", _english_number(a))
+        elif kind == 1:
+            turn = (f"Write {a} in English words.", _english_number(a))
+        elif kind == 2:
+            turn = (f"{a}たす{b}は?", f"{a + b}です。")
+        else:
+            turn = (f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.")
+        messages = [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+        if rng.random() < 0.3:
+            messages.insert(0, {"role": "system", "content": "簡潔に。"})
+        conversations.append(messages)
+    return conversations
