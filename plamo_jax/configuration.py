@@ -18,6 +18,8 @@ from plamo_jax.parallel.mesh import MeshConfigError, resolve_axis_sizes
 from plamo_jax.parallel.rules import DEFAULT_RULES, merge_rules
 from plamo_jax.train.optimizer import SCHEDULES, WSD_DECAY_SHAPES
 
+OBJECTIVES = ("lm", "dpo")
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names key, value and expectation."""
@@ -107,6 +109,11 @@ def _train_defaults() -> ml_collections.ConfigDict:
     t.seq_len = 128  # tokens per sequence
     t.microbatches = 1  # gradient accumulation steps inside one jitted step
     t.z_loss = 1e-4  # PaLM z-loss coefficient: z * log(Z)^2
+    # lm: next-token loss (pre-training, SFT). dpo: Direct Preference Optimization against the
+    # frozen checkpoint.init_params, on data.format=preference pairs (plamo_jax/posttrain/dpo.py).
+    t.objective = "lm"
+    t.dpo_beta = 0.1  # DPO: strength of the implicit KL constraint to the reference model
+    t.dpo_label_smoothing = 0.0  # DPO: assumed fraction of flipped preference labels (cDPO)
     t.log_every = 10
     t.output_dir = "runs/default"
     t.peak_flops_per_device = 0.0  # 0 = look up the device kind; set it for CPUs
@@ -232,6 +239,29 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"divisible by the sequence-parallel mesh size {size['sequence']}",
     )
     _require(t.steps > 0, "train.steps", t.steps, "a positive number of steps")
+    _require(t.objective in OBJECTIVES, "train.objective", t.objective, f"one of {OBJECTIVES}")
+    if t.objective == "dpo":
+        _require(
+            config.data.format == "preference",
+            "data.format",
+            config.data.format,
+            "'preference' (chosen/rejected pairs) with train.objective='dpo'",
+        )
+        _require(
+            bool(config.checkpoint.init_params),
+            "checkpoint.init_params",
+            config.checkpoint.init_params,
+            "the checkpoint DPO starts from and keeps as its frozen reference",
+        )
+        _require(t.dpo_beta > 0, "train.dpo_beta", t.dpo_beta, "a number > 0")
+        _require(
+            0 <= t.dpo_label_smoothing < 0.5,
+            "train.dpo_label_smoothing",
+            t.dpo_label_smoothing,
+            "in [0, 0.5)",
+        )
+    elif config.data.format == "preference":
+        _require(False, "train.objective", t.objective, "'dpo' for data.format='preference'")
     _require(
         config.optimizer.schedule in SCHEDULES,
         "optimizer.schedule",

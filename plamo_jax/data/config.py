@@ -23,9 +23,11 @@ def data_defaults() -> ml_collections.ConfigDict:
     d.text_field = "text"  # JSONL / Parquet column holding the document text
     # text: documents of plain text, every token learned. chat: JSONL conversations for SFT
     # (`builtin_chat` is a bundled set), only assistant output learned (plamo_jax/posttrain/sft.py).
+    # preference: JSONL {"prompt", "chosen", "rejected"} pairs for train.objective=dpo
+    # (`builtin_preference` is a bundled set; plamo_jax/posttrain/preference_data.py).
     d.format = "text"
     d.messages_field = "messages"  # chat: the field holding [{"role", "content"}, ...]
-    d.chat_template = "chatml"  # chat: chatml | llama3 | plain
+    d.chat_template = "chatml"  # chat and preference: chatml | llama3 | plain
     d.add_bos = True  # prepend BOS to every document (EOS is always appended)
     d.shuffle = True  # a new seeded document order every epoch
     # concat: documents back to back, rows cut every seq_len tokens (no padding).

@@ -30,7 +30,7 @@ PACKING_CHOICES = ("concat", "pad", "fit")
 _EPOCH_CACHE_SIZE = 3
 
 
-def _row_arrays(
+def row_arrays(
     window: np.ndarray,
     document_ids: np.ndarray,
     seq_len: int,
@@ -167,7 +167,7 @@ class PackedRows:
             position += len(piece)
             needed -= len(piece)
         mask = None if masks[0] is None else np.concatenate(masks)
-        return _row_arrays(np.concatenate(pieces), np.concatenate(owners), self.seq_len, self.pad_id, mask)
+        return row_arrays(np.concatenate(pieces), np.concatenate(owners), self.seq_len, self.pad_id, mask)
 
     def _pad_row(self, index: int) -> dict[str, np.ndarray]:
         epoch, within_epoch = divmod(index, int(self._rows_per_document.sum()))
@@ -179,7 +179,7 @@ class PackedRows:
         begin = piece_index * self.seq_len
         window = document[begin : begin + self.seq_len + 1]
         mask = self._target_mask(document_index, begin, begin + len(window))
-        return _row_arrays(window, np.zeros(len(window), np.int64), self.seq_len, self.pad_id, mask)
+        return row_arrays(window, np.zeros(len(window), np.int64), self.seq_len, self.pad_id, mask)
 
     def _fit_row(self, index: int) -> dict[str, np.ndarray]:
         epoch, within_epoch = divmod(index, len(self._fit_rows))
@@ -192,7 +192,7 @@ class PackedRows:
             owners.append(np.full(len(piece), slot, np.int64))
             masks.append(self._target_mask(int(document_index), 0, len(piece)))
         mask = None if masks[0] is None else np.concatenate(masks)
-        return _row_arrays(np.concatenate(pieces), np.concatenate(owners), self.seq_len, self.pad_id, mask)
+        return row_arrays(np.concatenate(pieces), np.concatenate(owners), self.seq_len, self.pad_id, mask)
 
 
 def fit_documents(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:

@@ -31,7 +31,7 @@ from plamo_jax.data.tokenizer import Tokenizer, tokenizer_from_config
 
 BATCH_KEYS = ("input_ids", "target_ids", "segment_ids", "positions", "loss_mask")
 STATE_VERSION = 1
-FORMAT_CHOICES = ("text", "chat")
+FORMAT_CHOICES = ("text", "chat", "preference")
 _ENDLESS_ROWS = 1 << 50  # Grain datasets need a length; no run reads this many rows
 
 
@@ -76,7 +76,7 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
         raise DataError("data.text_field is empty; expected the name of the text field")
     if data_config.format not in FORMAT_CHOICES:
         raise DataError(f"data.format={data_config.format!r}; expected one of {FORMAT_CHOICES}")
-    if data_config.format == "chat":
+    if data_config.format in ("chat", "preference"):
         from plamo_jax.posttrain.sft import chat_template
 
         chat_template(data_config.chat_template)
@@ -429,7 +429,13 @@ def make_train_iterator(
     process_count: int = 1,
 ) -> TrainIterator:
     """This process' iterator over batches of [global_batch_size // process_count, seq_len] arrays."""
-    return TrainIterator(
+    if data_config.format == "preference":
+        from plamo_jax.posttrain.preference_data import PreferenceIterator
+
+        iterator_class = PreferenceIterator
+    else:
+        iterator_class = TrainIterator
+    return iterator_class(
         data_config,
         seq_len=seq_len,
         global_batch_size=global_batch_size,

@@ -49,9 +49,12 @@ def chat_template(name: str) -> ChatTemplate:
 
 
 def render_conversation(
-    messages: list[dict], tokenizer: Tokenizer, template: ChatTemplate, add_bos: bool
+    messages: list[dict], tokenizer: Tokenizer, template: ChatTemplate, add_bos: bool, first_learned: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, target mask): mask[t] = 1 where predicting token t is trained (assistant output)."""
+    """(tokens, target mask): mask[t] = 1 where predicting token t is trained (assistant output).
+
+    Assistant messages before index `first_learned` are context only (a DPO prompt's earlier turns).
+    """
     pieces: list[np.ndarray] = []
     masks: list[np.ndarray] = []
 
@@ -61,8 +64,8 @@ def render_conversation(
 
     if add_bos:
         add(np.array([tokenizer.bos_id]), False)
-    for message in messages:
-        learned = message["role"] == "assistant"
+    for index, message in enumerate(messages):
+        learned = message["role"] == "assistant" and index >= first_learned
         add(encode_to_array(tokenizer, template.role_header.format(role=message["role"])), False)
         add(encode_to_array(tokenizer, message["content"]), learned)
         add(encode_to_array(tokenizer, template.end_of_turn), learned)
@@ -75,15 +78,22 @@ def check_messages(record: object, messages_field: str) -> str | None:
     if not isinstance(record, dict) or messages_field not in record:
         return f"no {messages_field!r} field (data.messages_field)"
     messages = record[messages_field]
-    if not isinstance(messages, list) or not messages:
-        return f"{messages_field!r} is not a non-empty list of messages"
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            return f"message {index} has no role in {ROLES}"
-        if not isinstance(message.get("content"), str):
-            return f"message {index} has no string 'content'"
+    problem = check_message_list(messages, messages_field)
+    if problem is not None:
+        return problem
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return "no assistant message with content: nothing to learn"
+    return None
+
+
+def check_message_list(messages: object, name: str) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"{name!r} is not a non-empty list of messages"
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return f"{name!r} message {index} has no role in {ROLES}"
+        if not isinstance(message.get("content"), str):
+            return f"{name!r} message {index} has no string 'content'"
     return None
 
 
@@ -160,23 +170,37 @@ def _english_number(n: int) -> str:
     return _TENS_ENGLISH[tens] + (f"-{_ENGLISH[ones]}" if ones else "")
 
 
-def builtin_conversations(count: int = 3000, seed: int = 0) -> list[list[dict]]:
-    """Small bilingual instruction data that needs no download: number words and sums, ja/en."""
+def builtin_turns(count: int, seed: int) -> list[tuple[str, str, str, bool]]:
+    """(question, answer, a worse answer, with a system prompt) in Japanese and English.
+
+    The worse answer is right but ignores the request: a reply in the other language, or digits
+    where words were asked for (the kind of preference a Japanese assistant is tuned for).
+    """
     rng = np.random.default_rng(seed)
-    conversations = []
+    turns = []
     for _ in range(count):
         a, b = (int(x) for x in rng.integers(0, 50, size=2))
         kind = int(rng.integers(0, 4))
         if kind == 0:
-            turn = (f"{_kanji_number(a)}を英語で。", _english_number(a))
+            turn = (f"{_kanji_number(a)}を英語で。", _english_number(a), f"{_kanji_number(a)}です。")
         elif kind == 1:
-            turn = (f"Write {a} in English words.", _english_number(a))
+            turn = (f"Write {a} in English words.", _english_number(a), str(a))
         elif kind == 2:
-            turn = (f"{a}たす{b}は?", f"{a + b}です。")
+            turn = (f"{a}たす{b}は?", f"{a + b}です。", f"{a} plus {b} is {a + b}.")
         else:
-            turn = (f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.")
-        messages = [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
-        if rng.random() < 0.3:
-            messages.insert(0, {"role": "system", "content": "簡潔に。"})
-        conversations.append(messages)
-    return conversations
+            turn = (f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a + b}です。")
+        turns.append((*turn, bool(rng.random() < 0.3)))
+    return turns
+
+
+def prompt_messages(question: str, with_system: bool) -> list[dict]:
+    system = [{"role": "system", "content": "簡潔に。"}] if with_system else []
+    return [*system, {"role": "user", "content": question}]
+
+
+def builtin_conversations(count: int = 3000, seed: int = 0) -> list[list[dict]]:
+    """Small bilingual instruction data that needs no download: number words and sums, ja/en."""
+    return [
+        [*prompt_messages(question, with_system), {"role": "assistant", "content": answer}]
+        for question, answer, _, with_system in builtin_turns(count, seed)
+    ]

@@ -57,6 +57,36 @@ def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def accumulate_gradients(loss_sums_fn, params: Any, batch: Batch, num_microbatches: int):
+    """(gradient sums, metric sums) of `loss_sums_fn(params, batch) -> (objective sum, sums)`.
+
+    Everything is a sum, so accumulating over microbatches equals one pass over the whole batch.
+    """
+    grad_fn = jax.grad(loss_sums_fn, has_aux=True)
+    if num_microbatches == 1:
+        return grad_fn(params, batch)
+
+    def accumulate(carry, microbatch):
+        grads_acc, sums_acc = carry
+        grads, sums = grad_fn(params, microbatch)
+        return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
+
+    microbatches = split_microbatches(batch, num_microbatches)
+    first = jax.tree.map(lambda x: x[0], microbatches)
+    zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first)[1])
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), microbatches)
+    return grads, sums
+
+
+def apply_gradients(state: dict, grads: Any, optimizer: optax.GradientTransformation) -> tuple[dict, dict]:
+    """(new state, norms) after one optimizer update with already-normalised gradients."""
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    norms = {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+    return dict(state, step=state["step"] + 1, params=params, opt_state=opt_state), norms
+
+
 def train_step(
     state: dict,
     batch: Batch,
@@ -68,34 +98,16 @@ def train_step(
     num_microbatches: int,
 ):
     """One optimizer step; gradients accumulate over `num_microbatches` inside the step."""
-    grad_fn = jax.grad(
-        lambda params, mb: model_loss_sums(graphdef, params, mb, model_cfg, z_loss), has_aux=True
+    grads, sums = accumulate_gradients(
+        lambda params, mb: model_loss_sums(graphdef, params, mb, model_cfg, z_loss),
+        state["params"],
+        batch,
+        num_microbatches,
     )
-
-    if num_microbatches == 1:
-        grads, sums = grad_fn(state["params"], batch)
-    else:
-
-        def accumulate(carry, microbatch):
-            grads_acc, sums_acc = carry
-            grads, sums = grad_fn(state["params"], microbatch)
-            return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
-
-        microbatches = split_microbatches(batch, num_microbatches)
-        first = jax.tree.map(lambda x: x[0], microbatches)
-        zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"], first)[1])
-        zero_grads = jax.tree.map(jnp.zeros_like, state["params"])
-        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), microbatches)
-
     tokens = jnp.maximum(sums["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = summarize(sums)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["param_norm"] = optax.tree.norm(params)
-    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
-    return new_state, metrics
+    new_state, norms = apply_gradients(state, grads, optimizer)
+    return new_state, summarize(sums) | norms
 
 
 def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:

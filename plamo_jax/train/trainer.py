@@ -18,7 +18,7 @@ from plamo_jax.parallel.mesh import make_mesh
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import flops as flops_lib
 from plamo_jax.train import state as state_lib
-from plamo_jax.train.checkpoint import Checkpointer, load_params
+from plamo_jax.train.checkpoint import Checkpointer, CheckpointError, load_params
 from plamo_jax.train.checkpoint import load_config as load_checkpoint_config
 from plamo_jax.train.metrics import MetricsWriter, Progress, flatten_metrics
 from plamo_jax.train.optimizer import make_optimizer
@@ -90,7 +90,10 @@ CHANGEABLE_KEYS = ("rope_theta", "norm_eps", "attention_window", "full_attention
 
 def check_init_params_config(config: ml_collections.ConfigDict) -> None:
     path = config.checkpoint.init_params
-    saved = load_checkpoint_config(path).model
+    try:
+        saved = load_checkpoint_config(path).model
+    except CheckpointError as error:
+        raise ConfigError(f"config key checkpoint.init_params={path!r}: {error}") from None
     ours = config.model
     mismatched = [key for key in ARCHITECTURE_KEYS if key in saved and saved[key] != ours[key]]
     if mismatched:
@@ -160,6 +163,18 @@ def make_checkpointer(config: ml_collections.ConfigDict) -> Checkpointer | None:
     )
 
 
+def make_step_fn(config: ml_collections.ConfigDict, setup: state_lib.ModelSetup, optimizer):
+    """(state, global batch) -> (state, metrics) for train.objective."""
+    if config.train.objective == "dpo":
+        from plamo_jax.posttrain.dpo import jit_dpo_step
+
+        reference, _ = load_params(config.checkpoint.init_params, shardings=setup.param_shardings)
+        log.info("DPO reference: the frozen parameters of %s", config.checkpoint.init_params)
+        dpo_step = jit_dpo_step(config, setup, optimizer)
+        return lambda state, batch: dpo_step(state, batch, reference)
+    return state_lib.jit_train_step(config, setup, optimizer)
+
+
 def train(config: ml_collections.ConfigDict) -> TrainResult:
     t = config.train
     validate_config(config, jax.device_count())
@@ -211,11 +226,15 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
             f"rows, but each of the {jax.process_count()} processes reads {per_process}; expected the batch "
             "axes (data x fsdp x expert) to split the batch across processes"
         )
-    step_fn = state_lib.jit_train_step(config, setup, optimizer)
+    step_fn = make_step_fn(config, setup, optimizer)
 
     num_params = state_lib.parameter_count(setup.abstract_params)
     tokens_per_step = t.global_batch_size * t.seq_len
     flops_per_token = flops_lib.train_flops_per_token(config.model, t.seq_len)
+    if t.objective == "dpo":
+        # Each row is a pair (two sequences), and the reference adds a forward pass (1/3 of fwd + bwd).
+        tokens_per_step *= 2
+        flops_per_token *= 4 / 3
     peak = flops_lib.peak_flops_per_device(t.peak_flops_per_device)
     if is_main:
         log.info(

@@ -1,0 +1,273 @@
+"""Preference pairs for DPO: each global row is one (chosen, rejected) pair, both rendered from one prompt.
+
+A preference corpus is JSONL: {"prompt": str | [messages], "chosen": str | [messages],
+"rejected": str | [messages]}; a string prompt is a user message, a string response an assistant
+message. Only the responses are scored (their target masks), never the prompt. A pair whose longer
+sequence exceeds train.seq_len + 1 tokens is skipped and counted (cutting it would score a
+truncated response). Rows come from a seeded permutation per epoch, so like the pre-training
+iterator the state is a row counter and batches do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from plamo_jax.data.errors import DataError
+from plamo_jax.data.lru import LruCache
+from plamo_jax.data.packing import row_arrays
+from plamo_jax.data.pipeline import PackingStats, TrainIterator, parse_sources, validate_data_config
+from plamo_jax.data.sources import JSONL_SUFFIXES, ReadReport, list_input_files
+from plamo_jax.data.tokenizer import Tokenizer, tokenizer_from_config
+from plamo_jax.posttrain.sft import (
+    ChatTemplate,
+    builtin_turns,
+    chat_template,
+    check_message_list,
+    prompt_messages,
+    render_conversation,
+)
+
+BUILTIN_PREFERENCE = "builtin_preference"
+SIDES = ("chosen", "rejected")
+FIELDS = ("input_ids", "target_ids", "segment_ids", "positions", "loss_mask")
+BATCH_KEYS = tuple(f"{side}_{field}" for side in SIDES for field in FIELDS)
+
+
+def _as_messages(value: object, default_role: str) -> object:
+    return [{"role": default_role, "content": value}] if isinstance(value, str) else value
+
+
+def check_pair(record: object) -> str | None:
+    """Why a record is not a usable preference pair, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for key in ("prompt", *SIDES):
+        if key not in record:
+            return f"no {key!r} field"
+        role = "user" if key == "prompt" else "assistant"
+        problem = check_message_list(_as_messages(record[key], role), key)
+        if problem is not None:
+            return problem
+    for side in SIDES:
+        if not any(m["role"] == "assistant" for m in _as_messages(record[side], "assistant")):
+            return f"{side!r} has no assistant message to score"
+    return None
+
+
+def render_pair(
+    prompt: list[dict], chosen: list[dict], rejected: list[dict], tokenizer: Tokenizer,
+    template: ChatTemplate, add_bos: bool,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(tokens, target mask)] for prompt + chosen and prompt + rejected; only responses are masked in."""
+    return [
+        render_conversation([*prompt, *response], tokenizer, template, add_bos, first_learned=len(prompt))
+        for response in (chosen, rejected)
+    ]
+
+
+class PreferencePairs:
+    """Rendered pairs held in memory (preference sets are small), with a read report."""
+
+    def __init__(
+        self, source: str, tokenizer: Tokenizer, data_config: ml_collections.ConfigDict, seq_len: int
+    ):
+        self.report = ReadReport()
+        template = chat_template(data_config.chat_template)
+        add_bos = bool(data_config.add_bos)
+        self.sequences: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        for where, record in self._records(source, data_config.on_bad_input):
+            pair = render_pair(
+                _as_messages(record["prompt"], "user"),
+                _as_messages(record["chosen"], "assistant"),
+                _as_messages(record["rejected"], "assistant"),
+                tokenizer,
+                template,
+                add_bos,
+            )
+            longest = max(len(tokens) for tokens, _ in pair)
+            if longest > seq_len + 1:
+                self.report.bad(
+                    "too_long", where, f"{longest} tokens > train.seq_len + 1 = {seq_len + 1}",
+                    data_config.on_bad_input,
+                )
+                continue
+            self.report.documents += 1
+            self.sequences.append(pair)
+        if not self.sequences:
+            raise DataError(f"data.source={source!r} yielded no preference pairs: {self.report.summary()}")
+
+    def _records(self, source: str, on_bad_input: str):
+        if source == BUILTIN_PREFERENCE:
+            for index, pair in enumerate(builtin_preference_pairs()):
+                yield f"{BUILTIN_PREFERENCE}:{index}", pair
+            return
+        files = list_input_files(source, self.report, on_bad_input)
+        wrong = [str(f) for f in files if f.suffix not in JSONL_SUFFIXES]
+        if wrong:
+            raise DataError(f"data.source={source!r}: data.format='preference' reads JSONL; got {wrong[:3]}")
+        for path in files:
+            yield from self._read_jsonl(path, on_bad_input)
+
+    def _read_jsonl(self, path: Path, on_bad_input: str):
+        with open(path, "rb") as f:
+            for line_number, raw_line in enumerate(f, start=1):
+                if not raw_line.strip():
+                    continue
+                where = f"{path}:{line_number}"
+                try:
+                    record = json.loads(raw_line.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                    self.report.bad("bad_json", where, str(error), on_bad_input)
+                    continue
+                problem = check_pair(record)
+                if problem is not None:
+                    self.report.bad("bad_pair", where, problem, on_bad_input)
+                    continue
+                self.report.text_bytes += len(raw_line)
+                yield where, record
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(len(tokens) for pair in self.sequences for tokens, _ in pair)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for pair in self.sequences:
+            for tokens, mask in pair:
+                digest.update(tokens.tobytes())
+                digest.update(mask.tobytes())
+        return digest.hexdigest()[:16]
+
+
+class PairRows:
+    """Global row -> the fields of one pair, `chosen_*` and `rejected_*`, each padded to seq_len."""
+
+    def __init__(self, pairs: PreferencePairs, *, seq_len: int, seed: int, shuffle: bool, pad_id: int):
+        self.pairs = pairs
+        self.seq_len = seq_len
+        self.seed = seed
+        self.shuffle = shuffle
+        self.pad_id = pad_id
+        self._orders = LruCache(3)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        def compute(epoch: int) -> np.ndarray:
+            if not self.shuffle:
+                return np.arange(len(self.pairs))
+            return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+
+        return self._orders.get_or_compute(epoch, compute)
+
+    def __len__(self) -> int:
+        return 1 << 50
+
+    def __getitem__(self, global_row: int) -> dict[str, np.ndarray]:
+        epoch, within = divmod(int(global_row), len(self.pairs))
+        fields = {}
+        pair = self.pairs.sequences[int(self._order(epoch)[within])]
+        for side, (tokens, mask) in zip(SIDES, pair, strict=True):
+            row = row_arrays(tokens, np.zeros(len(tokens), np.int64), self.seq_len, self.pad_id, mask)
+            fields.update({f"{side}_{name}": value for name, value in row.items()})
+        return fields
+
+
+class PreferenceIterator(TrainIterator):
+    """The pre-training iterator's batching, sharding and resume over preference pairs."""
+
+    def __init__(
+        self,
+        data_config: ml_collections.ConfigDict,
+        *,
+        seq_len: int,
+        global_batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        validate_data_config(data_config)
+        specs = parse_sources(data_config.source)
+        if len(specs) != 1:
+            raise DataError(
+                f"data.source={data_config.source!r}: data.format='preference' takes one JSONL file or "
+                "directory (merge preference sets into one directory)"
+            )
+        if global_batch_size % process_count or not 0 <= process_index < process_count:
+            raise DataError(
+                f"train.global_batch_size={global_batch_size} must be a multiple of the process count "
+                f"{process_count}"
+            )
+        self.data_config = data_config
+        self.seq_len = seq_len
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.seed = seed
+        self.process_index = process_index
+        self.process_count = process_count
+        self.tokenizer = tokenizer_from_config(data_config)
+        self.pairs = PreferencePairs(specs[0].path, self.tokenizer, data_config, seq_len)
+        self.rows = PairRows(
+            self.pairs,
+            seq_len=seq_len,
+            seed=seed,
+            shuffle=bool(data_config.shuffle),
+            pad_id=self.tokenizer.pad_id,
+        )
+        self.fingerprint = self._fingerprint()
+        self.step = 0
+        self.rows_consumed = 0
+        self.packing_stats = PackingStats(rows_per_corpus=[0])
+        self._iterator = None
+
+    def _fingerprint(self) -> str:
+        parts = (self.tokenizer.fingerprint(), self.pairs.fingerprint(), str(bool(self.data_config.shuffle)))
+        return "preference-" + "-".join(parts)
+
+    @property
+    def read_report(self) -> ReadReport:
+        return self.pairs.report
+
+    def _account(self, batch: dict[str, np.ndarray]) -> None:
+        stats = self.packing_stats
+        stats.rows += self.local_batch_size
+        stats.rows_per_corpus[0] += self.local_batch_size
+        for side in SIDES:
+            stats.tokens += batch[f"{side}_input_ids"].size
+            stats.real_tokens += int(np.count_nonzero(batch[f"{side}_segment_ids"]))
+            stats.loss_tokens += int(batch[f"{side}_loss_mask"].sum())
+            stats.segments += self.local_batch_size
+
+    def stats(self) -> dict:
+        return {
+            **self.packing_stats.to_dict(),
+            "corpora": [
+                {
+                    "source": self.data_config.source,
+                    "weight": 1.0,
+                    "documents": len(self.pairs),
+                    "tokens_per_epoch": self.pairs.total_tokens,
+                    "rows_per_epoch": float(len(self.pairs)),
+                    "truncated_documents": 0,
+                    "read_report": self.pairs.report.to_dict(),
+                }
+            ],
+        }
+
+    def global_batch(self, rows_consumed: int) -> dict[str, np.ndarray]:
+        rows = [self.rows[rows_consumed + k] for k in range(self.global_batch_size)]
+        return {key: np.stack([row[key] for row in rows]) for key in BATCH_KEYS}
+
+
+def builtin_preference_pairs(count: int = 2000, seed: int = 1) -> list[dict]:
+    """The bundled chat questions: the answer that follows the request (language, form) is chosen."""
+    return [
+        {"prompt": prompt_messages(question, with_system), "chosen": answer, "rejected": wrong}
+        for question, answer, wrong, with_system in builtin_turns(count, seed)
+    ]
