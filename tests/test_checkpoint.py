@@ -112,6 +112,15 @@ def test_load_params_from_a_training_checkpoint(saved):
         ckpt.load_params(directory, step=9)
 
 
+def test_load_params_from_a_relative_path(saved, monkeypatch):
+    """`checkpoint.init_params=runs/tiny/checkpoints` as the README writes it (Orbax needs it absolute)."""
+    directory, _, state, _ = saved
+    monkeypatch.chdir(directory.parent.parent)
+    relative = directory.relative_to(directory.parent.parent)
+    assert_trees_equal(ckpt.load_params(relative)[0], state["params"])
+    assert ckpt.params_metadata(relative)["embed"].shape == state["params"]["embed"].shape
+
+
 def test_save_params_round_trip_and_no_overwrite(saved, tmp_path):
     _, config, state, _ = saved
     step_dir = ckpt.save_params(tmp_path / "params", state["params"], config)

@@ -240,7 +240,11 @@ def _quiet_orbax():
 
 
 def _resolve_step_dir(path: Path, step: int | None) -> Path:
-    """A step directory from either an Orbax root (latest or given step) or a step directory itself."""
+    """A step directory from either an Orbax root (latest or given step) or a step directory itself.
+
+    Always absolute: Orbax's metadata reader silently returns nothing for a relative path.
+    """
+    path = path.absolute()
     if (path / STATE_ITEM).is_dir() or (path / PARAMS_ITEM).is_dir():
         if step is not None and path.name != str(step):
             raise CheckpointError(f"{path} is the checkpoint of step {path.name}, but step {step} was "
