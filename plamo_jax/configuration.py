@@ -41,6 +41,10 @@ def _model_defaults() -> ml_collections.ConfigDict:
     m.norm_eps = 1e-5
     m.init_std = 0.02
     m.dtype = "float32"  # compute dtype; parameters are always fp32
+    # FP8 weight matmuls (attention, MLP, shared experts, Mamba in/out projections): E4M3 operands,
+    # E5M2 gradients, per-tensor current scaling (plamo_jax/models/fp8.py). Embeddings, the LM head,
+    # routers and routed experts stay in model.dtype.
+    m.fp8 = False
     m.remat = "none"  # none | save_dots | full
     m.scan_unroll = 1  # layers per scan iteration; 1 keeps compile time flat in depth
     # hybrid (PLaMo 2 / Samba)

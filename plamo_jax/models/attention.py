@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from plamo_jax.models.fp8 import projection
 from plamo_jax.models.layers import RMSNorm, apply_rope, normal, param
 from plamo_jax.parallel.rules import constrain
 
@@ -64,6 +65,7 @@ class Attention(nnx.Module):
         out_init_std: float,
         dtype,
         rngs: nnx.Rngs,
+        fp8: bool = False,
     ):
         if qk_norm not in QK_NORM_KINDS:
             raise ValueError(f"qk_norm must be one of {QK_NORM_KINDS}, got {qk_norm!r}")
@@ -72,6 +74,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_theta = rope_theta
         self.dtype = dtype
+        self.fp8 = fp8
         self.q_proj = param(
             rngs, normal(init_std), (d_model, num_heads, head_dim), ("embed", "heads", "head_dim")
         )
@@ -96,10 +99,10 @@ class Attention(nnx.Module):
 
     def project_qkv(self, x_BLD: jax.Array, positions_BL: jax.Array):
         """q, k, v after QK-norm and RoPE (exposed for recurrent decoding with a KV cache)."""
-        x = x_BLD.astype(self.dtype)
-        q = jnp.einsum("bld,dhk->blhk", x, self.q_proj[...].astype(self.dtype))
-        k = jnp.einsum("bld,dhk->blhk", x, self.k_proj[...].astype(self.dtype))
-        v = jnp.einsum("bld,dhk->blhk", x, self.v_proj[...].astype(self.dtype))
+        q, k, v = (
+            projection("bld,dhk->blhk", x_BLD, weight[...], self.dtype, self.fp8)
+            for weight in (self.q_proj, self.k_proj, self.v_proj)
+        )
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions_BL, self.rope_theta)
@@ -107,7 +110,7 @@ class Attention(nnx.Module):
         return q, k, v
 
     def project_out(self, attended_BLHD: jax.Array) -> jax.Array:
-        out = jnp.einsum("blhk,hkd->bld", attended_BLHD, self.o_proj[...].astype(self.dtype))
+        out = projection("blhk,hkd->bld", attended_BLHD, self.o_proj[...], self.dtype, self.fp8)
         return constrain(out, ("act_batch", "act_length", "act_embed"))
 
     def __call__(

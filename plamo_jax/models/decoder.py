@@ -45,6 +45,7 @@ def make_attention(cfg: ml_collections.ConfigDict, *, qk_norm: str, rngs: nnx.Rn
         out_init_std=output_init_std(cfg),
         dtype=compute_dtype(cfg),
         rngs=rngs,
+        fp8=cfg.fp8,
     )
 
 
@@ -62,6 +63,7 @@ class DenseBlock(nnx.Module):
             out_init_std=output_init_std(cfg),
             dtype=compute_dtype(cfg),
             rngs=rngs,
+            fp8=cfg.fp8,
         )
 
     def __call__(self, x_BLD, segment_ids_BL, positions_BL, block_index):

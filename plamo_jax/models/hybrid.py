@@ -60,7 +60,7 @@ def make_mamba(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MambaMixer:
         d_model=cfg.d_model, num_heads=cfg.ssm_num_heads, head_dim=cfg.ssm_head_dim,
         state_dim=cfg.ssm_state_dim, conv_width=cfg.ssm_conv_width, chunk_size=cfg.ssm_chunk_size,
         norm_eps=cfg.norm_eps, init_std=cfg.init_std, out_init_std=output_init_std(cfg),
-        dtype=compute_dtype(cfg), rngs=rngs,
+        dtype=compute_dtype(cfg), rngs=rngs, fp8=cfg.fp8,
     )
 
 
@@ -81,7 +81,7 @@ class HybridLayer(nnx.Module):
         self.post_mixer_norm = norm("post_mixer_norm")
         self.pre_mlp_norm = norm("pre_mlp_norm")
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, out_init_std=output_init_std(cfg),
-                          dtype=compute_dtype(cfg), rngs=rngs)
+                          dtype=compute_dtype(cfg), rngs=rngs, fp8=cfg.fp8)
         self.post_mlp_norm = norm("post_mlp_norm")
 
     def add_mixer(self, x_BLD, mixed_BLD):

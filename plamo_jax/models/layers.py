@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from plamo_jax.models.fp8 import projection
 from plamo_jax.parallel.rules import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
@@ -83,17 +84,25 @@ class SwiGLU(nnx.Module):
     """down(silu(gate(x)) * up(x))."""
 
     def __init__(
-        self, d_model: int, mlp_dim: int, *, init_std: float, out_init_std: float, dtype, rngs: nnx.Rngs
+        self,
+        d_model: int,
+        mlp_dim: int,
+        *,
+        init_std: float,
+        out_init_std: float,
+        dtype,
+        rngs: nnx.Rngs,
+        fp8: bool = False,
     ):
         self.dtype = dtype
+        self.fp8 = fp8
         self.gate = param(rngs, normal(init_std), (d_model, mlp_dim), ("embed", "mlp"))
         self.up = param(rngs, normal(init_std), (d_model, mlp_dim), ("embed", "mlp"))
         self.down = param(rngs, normal(out_init_std), (mlp_dim, d_model), ("mlp", "embed"))
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        x = x_BLD.astype(self.dtype)
-        gate = jnp.einsum("bld,df->blf", x, self.gate[...].astype(self.dtype))
-        up = jnp.einsum("bld,df->blf", x, self.up[...].astype(self.dtype))
+        gate = projection("bld,df->blf", x_BLD, self.gate[...], self.dtype, self.fp8)
+        up = projection("bld,df->blf", x_BLD, self.up[...], self.dtype, self.fp8)
         hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
-        out = jnp.einsum("blf,fd->bld", hidden, self.down[...].astype(self.dtype))
+        out = projection("blf,fd->bld", hidden, self.down[...], self.dtype, self.fp8)
         return constrain(out, ("act_batch", "act_length", "act_embed"))

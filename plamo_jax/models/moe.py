@@ -319,7 +319,7 @@ class MoEMLP(nnx.Module):
         self.down = param(rngs, normal(out_std), (experts, width, d_model), ("expert", "mlp", "embed"))
         # Assigned once: NNX fixes an attribute as static when it is first set to None.
         self.shared = (SwiGLU(d_model, cfg.num_shared_experts * width, init_std=cfg.init_std,
-                              out_init_std=out_std, dtype=self.dtype, rngs=rngs)
+                              out_init_std=out_std, dtype=self.dtype, rngs=rngs, fp8=cfg.fp8)
                        if cfg.num_shared_experts else None)
 
     def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

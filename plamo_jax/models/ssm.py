@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from plamo_jax.models.fp8 import projection
 from plamo_jax.models.layers import RMSNorm, constant, normal, param
 from plamo_jax.parallel import rules as sharding_rules
 from plamo_jax.parallel.rules import constrain
@@ -199,11 +200,12 @@ class MambaMixer(nnx.Module):
 
     def __init__(self, *, d_model: int, num_heads: int, head_dim: int, state_dim: int, conv_width: int,
                  chunk_size: int, norm_eps: float, init_std: float, out_init_std: float, dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, fp8: bool = False):
         self.num_heads, self.head_dim, self.state_dim = num_heads, head_dim, state_dim
         self.conv_width, self.chunk_size = conv_width, chunk_size
         self.dt_dim = dt_rank(d_model)
         self.dtype = dtype
+        self.fp8 = fp8
         # Per head [z_h, x_h], as PLaMo 2 stores in_proj; heads shard on the tensor axis.
         self.in_proj = param(rngs, normal(init_std), (d_model, num_heads, 2, head_dim),
                              ("embed", "ssm_heads", None, "head_dim"))
@@ -222,7 +224,7 @@ class MambaMixer(nnx.Module):
                               ("ssm_heads", "head_dim", "embed"))
 
     def _project_in(self, x_BLD):
-        zx = jnp.einsum("bld,dhkp->blhkp", x_BLD.astype(self.dtype), self.in_proj[...].astype(self.dtype))
+        zx = projection("bld,dhkp->blhkp", x_BLD, self.in_proj[...], self.dtype, self.fp8)
         z = constrain(zx[..., 0, :], ("act_batch", "act_length", "act_ssm_heads", None))
         x = constrain(zx[..., 1, :], ("act_batch", "act_length", "act_ssm_heads", None))
         return z, x
@@ -240,7 +242,7 @@ class MambaMixer(nnx.Module):
     def _project_out(self, y_BLHP, x_BLHP, z_BLHP):
         y = y_BLHP + self.D[...][:, None] * x_BLHP.astype(jnp.float32)
         y = (y * jax.nn.silu(z_BLHP.astype(jnp.float32))).astype(self.dtype)
-        out = jnp.einsum("blhp,hpd->bld", y, self.out_proj[...].astype(self.dtype))
+        out = projection("blhp,hpd->bld", y, self.out_proj[...], self.dtype, self.fp8)
         return constrain(out, ("act_batch", "act_length", "act_embed"))
 
     def A(self) -> jax.Array:
