@@ -1,0 +1,150 @@
+"""Multiple-choice accuracy by log-likelihood, as lm-evaluation-harness scores JCommonsenseQA-style tasks.
+
+Each example is JSONL {"context": str, "choices": [str, ...], "answer": index}. Every choice is
+scored by the summed log-probability of its tokens after [BOS] + context (the continuation is the
+only masked-in part); `accuracy` takes the best sum, `accuracy_normalized` the best sum per UTF-8
+byte of the choice (which removes the bias towards short answers). A context too long for the
+sequence keeps its end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from plamo_jax.data.errors import DataError
+from plamo_jax.data.packing import row_arrays
+from plamo_jax.data.tokenizer import Tokenizer, encode_to_array
+from plamo_jax.parallel.rules import sharding_context
+from plamo_jax.posttrain.dpo import response_log_probs
+from plamo_jax.posttrain.sft import builtin_turns
+from plamo_jax.train import state as state_lib
+
+BUILTIN_CHOICE = "builtin_choice"
+
+
+def check_example(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if not isinstance(record.get("context"), str):
+        return "no string 'context'"
+    choices = record.get("choices")
+    well_formed = isinstance(choices, list) and all(isinstance(c, str) and c for c in choices)
+    if not well_formed or len(choices) < 2:
+        return "'choices' is not a list of two or more non-empty strings"
+    answer = record.get("answer")
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        return f"'answer' is not an index into the {len(choices)} choices"
+    return None
+
+
+def read_examples(source: str) -> list[dict]:
+    """Examples of a JSONL file (every record must be valid: a benchmark must not shrink silently)."""
+    if source == BUILTIN_CHOICE:
+        return builtin_choice_examples()
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"multiple-choice file {source!r} does not exist; expected a JSONL file")
+    examples = []
+    with open(path, "rb") as f:
+        for line_number, raw_line in enumerate(f, start=1):
+            if not raw_line.strip():
+                continue
+            try:
+                record = json.loads(raw_line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise DataError(f"{path}:{line_number}: not a JSON record: {error}") from None
+            problem = check_example(record)
+            if problem is not None:
+                raise DataError(f"{path}:{line_number}: {problem}; expected "
+                                '{"context": str, "choices": [str, ...], "answer": int}')
+            examples.append(record)
+    if not examples:
+        raise DataError(f"{path} holds no examples")
+    return examples
+
+
+def choice_row(context: np.ndarray, choice: np.ndarray, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    keep = max(0, seq_len + 1 - len(choice))
+    if len(choice) > seq_len:
+        raise DataError(f"a choice of {len(choice)} tokens does not fit train.seq_len={seq_len}")
+    context = context[-keep:] if keep else context[:0]
+    tokens = np.concatenate([context, choice]).astype(np.int32)
+    mask = np.concatenate([np.zeros(len(context), np.uint8), np.ones(len(choice), np.uint8)])
+    return row_arrays(tokens, np.zeros(len(tokens), np.int64), seq_len, pad_id, mask)
+
+
+def evaluate_multiple_choice(
+    config: ml_collections.ConfigDict,
+    setup: state_lib.ModelSetup,
+    params,
+    tokenizer: Tokenizer,
+    source: str,
+    *,
+    seq_len: int,
+    batch_size: int,
+) -> dict:
+    examples = read_examples(source)
+    rows, owners = [], []
+    for index, example in enumerate(examples):
+        context = encode_to_array(tokenizer, example["context"])
+        if config.data.add_bos:
+            context = np.concatenate([[tokenizer.bos_id], context])
+        for choice_index, choice in enumerate(example["choices"]):
+            rows.append(choice_row(context, encode_to_array(tokenizer, choice), seq_len, tokenizer.pad_id))
+            owners.append((index, choice_index))
+    padding = -len(rows) % batch_size
+    rows.extend([{key: np.zeros_like(value) for key, value in rows[0].items()}] * padding)
+
+    batch_sharding = state_lib.batch_sharding(setup.mesh, setup.rules)
+    score = jax.jit(
+        lambda params, batch: response_log_probs(setup.graphdef, params, batch)[0],
+        in_shardings=(setup.param_shardings, batch_sharding),
+    )
+    # Every process builds all rows and passes its slice of each batch (the trainer's layout).
+    local_rows = batch_size // jax.process_count()
+    first_local = jax.process_index() * local_rows
+    log_probs = []
+    with sharding_context(setup.mesh, setup.rules):
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start + first_local : start + first_local + local_rows]
+            local = {key: np.stack([row[key] for row in chunk]) for key in chunk[0]}
+            scores = score(params, state_lib.global_batch(local, batch_sharding, batch_size))
+            log_probs.extend(np.asarray(multihost_utils.process_allgather(scores, tiled=True)))
+
+    sums = [[0.0] * len(example["choices"]) for example in examples]
+    for (index, choice_index), value in zip(owners, log_probs, strict=False):
+        sums[index][choice_index] = float(value)
+    correct = correct_normalized = 0
+    for example, choice_sums in zip(examples, sums, strict=True):
+        lengths = [len(choice.encode("utf-8")) for choice in example["choices"]]
+        correct += int(np.argmax(choice_sums)) == example["answer"]
+        correct_normalized += int(np.argmax(np.array(choice_sums) / lengths)) == example["answer"]
+    return {
+        "source": source,
+        "examples": len(examples),
+        "accuracy": correct / len(examples),
+        "accuracy_normalized": correct_normalized / len(examples),
+        "chance": float(np.mean([1 / len(example["choices"]) for example in examples])),
+        "choice_log_probs": sums,
+    }
+
+
+def builtin_choice_examples(count: int = 200, seed: int = 7) -> list[dict]:
+    """The bundled chat questions as two-way choices: the answer in the asked language and form vs not."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for question, answer, worse, _ in builtin_turns(count, seed):
+        choices = [answer, worse]
+        order = rng.permutation(2)
+        examples.append({
+            "context": f"### user:\n{question}\n\n### assistant:\n",
+            "choices": [choices[i] for i in order],
+            "answer": int(np.flatnonzero(order == 0)[0]),
+        })
+    return examples

@@ -1,0 +1,103 @@
+"""Held-out loss of a checkpoint: cross entropy, perplexity and bits per UTF-8 byte, per corpus.
+
+Every document of a corpus is scored exactly once: the ordinary pipeline reads it unshuffled with
+`pad` packing (each document starts a row; a long one continues in the next rows, whose first
+token then has no earlier context), and rows past the end of the epoch in the last batch are
+masked out. Bits per byte divides by the corpus's text bytes, so models with different tokenizers
+compare on one scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import ml_collections
+import numpy as np
+
+from plamo_jax.data.errors import DataError
+from plamo_jax.data.pipeline import make_train_iterator, parse_sources
+from plamo_jax.parallel.rules import sharding_context
+from plamo_jax.train import state as state_lib
+from plamo_jax.train.step import model_loss_sums
+
+
+@dataclasses.dataclass
+class CorpusScore:
+    source: str
+    documents: int
+    tokens: int
+    nats: float
+    text_bytes: int
+
+    def to_dict(self) -> dict:
+        cross_entropy = self.nats / max(self.tokens, 1)
+        return {
+            "source": self.source,
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "cross_entropy": cross_entropy,
+            "perplexity": math.exp(cross_entropy),
+            "bits_per_byte": self.nats / math.log(2) / self.text_bytes if self.text_bytes else None,
+        }
+
+
+def jit_loss_sums(config: ml_collections.ConfigDict, setup: state_lib.ModelSetup):
+    """(params, batch) -> summed cross entropy and token count, jitted with the mesh shardings."""
+
+    def sums(params, batch):
+        _, totals = model_loss_sums(setup.graphdef, params, batch, config.model, z_loss=0.0)
+        return totals["cross_entropy"], totals["tokens"]
+
+    shardings = (setup.param_shardings, state_lib.batch_sharding(setup.mesh, setup.rules))
+    return jax.jit(sums, in_shardings=shardings)
+
+
+def evaluate_perplexity(
+    config: ml_collections.ConfigDict,
+    setup: state_lib.ModelSetup,
+    params,
+    sources: str,
+    *,
+    seq_len: int,
+    batch_size: int,
+    data_format: str = "text",
+) -> list[dict]:
+    """One score per entry of `sources` (data.source syntax, weights ignored).
+
+    data_format: `text` scores every token; `chat` scores what the assistant says (data.chat_template).
+    """
+    if data_format not in ("text", "chat"):
+        raise DataError(f"perplexity data format {data_format!r}; expected 'text' or 'chat'")
+    loss_sums = jit_loss_sums(config, setup)
+    batch_sharding = state_lib.batch_sharding(setup.mesh, setup.rules)
+    results = []
+    for spec in parse_sources(sources):
+        data_config = config.data.copy_and_resolve_references()
+        data_config.update(source=spec.path, shuffle=False, packing="pad", format=data_format)
+        data = make_train_iterator(
+            data_config,
+            seq_len=seq_len,
+            global_batch_size=batch_size,
+            seed=0,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        rows = int(data.rows.packed[0].rows_per_epoch)
+        nats, tokens = 0.0, 0
+        with sharding_context(setup.mesh, setup.rules):
+            for step in range(math.ceil(rows / batch_size)):
+                local = next(data)
+                first_row = step * batch_size + jax.process_index() * data.local_batch_size
+                beyond_epoch = first_row + np.arange(data.local_batch_size) >= rows
+                local["loss_mask"][beyond_epoch] = 0
+                batch = state_lib.global_batch(local, batch_sharding, batch_size)
+                step_nats, step_tokens = jax.device_get(loss_sums(params, batch))
+                nats += float(step_nats)
+                tokens += int(step_tokens)
+        data.close()
+        corpus = data.corpora[0]
+        documents, text_bytes = corpus.documents.num_documents, corpus.read_report.text_bytes
+        results.append(CorpusScore(spec.path, documents, tokens, nats, text_bytes).to_dict())
+    return results
