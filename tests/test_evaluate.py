@@ -1,0 +1,146 @@
+"""Evaluation: perplexity scores every document once and equals per-document forward passes; sharded ==
+single device; multiple-choice sums equal naive scoring; the CLI reports both and rejects bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import mesh_of, small_config
+
+from plamo_jax.configuration import mesh_rules
+from plamo_jax.data.errors import DataError
+from plamo_jax.data.tokenizer import ByteTokenizer
+from plamo_jax.evaluate.multiple_choice import evaluate_multiple_choice
+from plamo_jax.evaluate.perplexity import evaluate_perplexity
+from plamo_jax.train import state as state_lib
+from plamo_jax.train.checkpoint import save_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ_LEN = 64
+TEXTS = ["短い文書。", "A second document, a little longer than the first one.", "三番目の文書です。" * 2,
+         "x" * 30, "Fifth.", "六", "The seventh document closes the corpus!"]
+
+
+def setup_for(mesh_sizes, params=None):
+    config = small_config(vocab_size=512)
+    config.mesh.update({"data": 1, **mesh_sizes})
+    setup = state_lib.setup_model(config.model, mesh_of(**mesh_sizes), mesh_rules(config))
+    if params is None:
+        params = state_lib.init_params(config.model, setup, seed=0)
+    else:
+        params = jax.device_put(params, setup.param_shardings)
+    return config, setup, params
+
+
+def forward_log_probs(config, params, tokens: np.ndarray) -> np.ndarray:
+    """log p(tokens[t] | tokens[:t]) for t >= 1, one unpadded sequence through the model."""
+    from plamo_jax.models.decoder import Decoder
+
+    model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Decoder(config.model, rngs=nnx.Rngs(0)))), params)
+    inputs = tokens[None, :-1]
+    logits, _ = model(inputs, np.ones_like(inputs), np.arange(inputs.shape[1])[None])
+    log_softmax = np.asarray(jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1))
+    return log_softmax[np.arange(len(tokens) - 1), tokens[1:]]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS))
+    return path
+
+
+def test_perplexity_scores_every_document_once_like_separate_forward_passes(corpus):
+    config, setup, params = setup_for({})
+    [result] = evaluate_perplexity(config, setup, params, str(corpus), seq_len=SEQ_LEN, batch_size=4)
+    tokenizer, nats, tokens = ByteTokenizer(), 0.0, 0
+    for text in TEXTS:
+        document = np.concatenate([[tokenizer.bos_id], tokenizer.encode_array(text), [tokenizer.eos_id]])
+        assert len(document) <= SEQ_LEN + 1  # each fits one row, so a single pass is the reference
+        nats -= forward_log_probs(config, jax.device_get(params), document).sum()
+        tokens += len(document) - 1
+    assert result["documents"] == len(TEXTS) and result["tokens"] == tokens
+    np.testing.assert_allclose(result["cross_entropy"], nats / tokens, rtol=1e-5)
+    np.testing.assert_allclose(result["perplexity"], math.exp(nats / tokens), rtol=1e-5)
+    text_bytes = sum(len(t.encode()) for t in TEXTS)
+    np.testing.assert_allclose(result["bits_per_byte"], nats / math.log(2) / text_bytes, rtol=1e-5)
+
+
+def test_a_long_document_is_scored_once_across_rows(tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"text": "長い" * 100}) + "\n" + json.dumps({"text": "short"}) + "\n")
+    config, setup, params = setup_for({})
+    [result] = evaluate_perplexity(config, setup, params, str(path), seq_len=SEQ_LEN, batch_size=4)
+    assert result["tokens"] == (len("長い".encode()) * 100 + 1) + (len("short") + 1)
+
+
+def test_sharded_evaluation_equals_single_device(corpus):
+    config, setup, params = setup_for({})
+    expected = evaluate_perplexity(config, setup, params, str(corpus), seq_len=SEQ_LEN, batch_size=4)
+    host = jax.device_get(params)
+    config8, setup8, params8 = setup_for(dict(data=2, fsdp=2, tensor=2), host)
+    got = evaluate_perplexity(config8, setup8, params8, str(corpus), seq_len=SEQ_LEN, batch_size=4)
+    assert got[0]["tokens"] == expected[0]["tokens"]
+    np.testing.assert_allclose(got[0]["cross_entropy"], expected[0]["cross_entropy"], rtol=1e-5)
+
+
+EXAMPLES = [
+    {"context": "日本の首都は", "choices": ["東京", "大阪", "札幌"], "answer": 0},
+    {"context": "2 + 2 =", "choices": [" 4", " 5"], "answer": 0},
+    {"context": "Colour of the sky:", "choices": [" green", " blue", " red", " black"], "answer": 1},
+]
+
+
+def test_multiple_choice_sums_equal_naive_scoring(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in EXAMPLES))
+    config, setup, params = setup_for(dict(fsdp=2, tensor=2))
+    tokenizer = ByteTokenizer()
+    result = evaluate_multiple_choice(config, setup, params, tokenizer, str(path), seq_len=SEQ_LEN,
+                                      batch_size=4)
+    host = jax.device_get(params)
+    correct = 0
+    for example, sums in zip(EXAMPLES, result["choice_log_probs"], strict=True):
+        context = np.concatenate([[tokenizer.bos_id], tokenizer.encode_array(example["context"])])
+        naive = []
+        for choice in example["choices"]:
+            ids = tokenizer.encode_array(choice)
+            naive.append(forward_log_probs(config, host, np.concatenate([context, ids]))[-len(ids):].sum())
+        np.testing.assert_allclose(sums, naive, rtol=1e-5)
+        correct += int(np.argmax(naive)) == example["answer"]
+    assert result["accuracy"] == correct / 3 and result["examples"] == 3
+
+
+def test_bad_multiple_choice_record_names_the_line(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    bad = {"context": "x", "choices": ["a"], "answer": 0}
+    path.write_text(json.dumps(EXAMPLES[0]) + "\n" + json.dumps(bad))
+    config, setup, params = setup_for({})
+    with pytest.raises(DataError, match=r"mc.jsonl:2: 'choices' is not a list of two or more"):
+        evaluate_multiple_choice(config, setup, params, ByteTokenizer(), str(path), seq_len=SEQ_LEN,
+                                 batch_size=4)
+
+
+def test_evaluate_tool_reports_perplexity_and_accuracy(tmp_path, corpus):
+    config, _, params = setup_for({})
+    config.train.seq_len = SEQ_LEN
+    save_params(tmp_path / "ckpt", jax.device_get(params), config.to_json())
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    command = [sys.executable, "tools/evaluate.py", "--checkpoint", str(tmp_path / "ckpt"),
+               "--batch-size", "4", "--perplexity", f"{corpus},builtin",
+               "--multiple-choice", "builtin_choice", "--mesh", "fsdp=2"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert [r["source"] for r in report["perplexity"]] == [str(corpus), "builtin"]
+    assert report["perplexity"][0]["documents"] == len(TEXTS)
+    assert report["multiple_choice"][0]["examples"] == 200 and report["multiple_choice"][0]["chance"] == 0.5
+    bad = subprocess.run([*command[:4], "--perplexity", str(tmp_path / "missing.jsonl")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
