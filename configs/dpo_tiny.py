@@ -17,5 +17,5 @@ def get_config():
     config.checkpoint.init_params = "runs/sft_tiny/checkpoints"
     config.train.steps = 100
     config.train.output_dir = "runs/dpo_tiny"
-    config.optimizer.learning_rate = 5e-4
+    config.optimizer.learning_rate = 1e-4  # higher rates push the chosen answers down too (DPO displacement)
     return config
