@@ -172,6 +172,27 @@ def test_bad_chat_records_name_the_file_line_and_problem(tmp_path):
         make_train_iterator(config.data, seq_len=64, global_batch_size=2, seed=0)
 
 
+def test_chat_and_text_corpora_mix_in_one_run():
+    """`chat:` / `text:` prefixes: conversations learn only assistant tokens, text rows learn every token."""
+    config = load_recipe("sft_tiny")
+    config.data.format = "text"
+    config.data.source = "chat:builtin_chat:1,text:builtin:1"
+    data = make_train_iterator(config.data, seq_len=128, global_batch_size=16, seed=0)
+    assert [c.spec.format for c in data.corpora] == ["chat", "text"]
+    batch = next(data)
+    owner = [data.rows.schedule.assign(row)[0] for row in range(16)]
+    assert set(owner) == {0, 1}
+    for row, corpus in enumerate(owner):
+        real = batch["segment_ids"][row] > 0
+        fraction = batch["loss_mask"][row][real].mean()
+        if corpus == 0:
+            assert fraction < 0.5  # headers, prompts and BOS are context only
+        else:
+            # every target except where a new document starts (its first token has no context)
+            starts = int((np.diff(batch["segment_ids"][row][real]) != 0).sum())
+            assert batch["loss_mask"][row][real].sum() == real.sum() - starts
+
+
 def test_sft_recipe_learns_the_assistant_answers(tmp_path):
     """configs/sft_tiny.py through the ordinary launcher (from scratch here): the loss on assistant tokens
     ends far below their unigram entropy."""

@@ -25,6 +25,7 @@ def data_defaults() -> ml_collections.ConfigDict:
     # (`builtin_chat` is a bundled set), only assistant output learned (plamo_jax/posttrain/sft.py).
     # preference: JSONL {"prompt", "chosen", "rejected"} pairs for train.objective=dpo
     # (`builtin_preference` is a bundled set; plamo_jax/posttrain/preference_data.py).
+    # A `chat:` or `text:` prefix on a data.source entry overrides this for that corpus.
     d.format = "text"
     d.messages_field = "messages"  # chat: the field holding [{"role", "content"}, ...]
     d.chat_template = "chatml"  # chat and preference: chatml | llama3 | plain

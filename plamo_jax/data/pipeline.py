@@ -39,10 +39,15 @@ _ENDLESS_ROWS = 1 << 50  # Grain datasets need a length; no run reads this many 
 class CorpusSpec:
     path: str
     weight: float
+    format: str = ""  # "text" / "chat" from a `text:` / `chat:` prefix; "" = data.format
 
 
 def parse_sources(source: str) -> list[CorpusSpec]:
-    """`path[:weight],path[:weight],...` -> specs; a weight defaults to 1."""
+    """`[format:]path[:weight],...` -> specs; a weight defaults to 1, a format to data.format.
+
+    A `chat:` or `text:` prefix mixes formats in one run, e.g. SFT conversations with some
+    pre-training text so the model does not forget it.
+    """
     specs = []
     for item in (part.strip() for part in source.split(",")):
         if not item:
@@ -57,13 +62,17 @@ def parse_sources(source: str) -> list[CorpusSpec]:
                 pass  # a colon inside the path, e.g. seqio:task
         if not (weight > 0 and math.isfinite(weight)):
             raise DataError(f"data.source entry {item!r} has weight {weight}; expected a finite number > 0")
-        specs.append(CorpusSpec(path=path, weight=weight))
+        corpus_format = ""
+        for prefix in ("text", "chat"):
+            if path.startswith(prefix + ":"):
+                corpus_format, path = prefix, path[len(prefix) + 1 :]
+        specs.append(CorpusSpec(path=path, weight=weight, format=corpus_format))
     return specs
 
 
 def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
     """Check every data key once at start; errors name the key, the value and what was expected."""
-    parse_sources(data_config.source)
+    specs = parse_sources(data_config.source)
     check_on_bad_input(data_config.on_bad_input)
     if data_config.packing not in PACKING_CHOICES:
         raise DataError(f"data.packing={data_config.packing!r}; expected one of {PACKING_CHOICES}")
@@ -76,7 +85,7 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
         raise DataError("data.text_field is empty; expected the name of the text field")
     if data_config.format not in FORMAT_CHOICES:
         raise DataError(f"data.format={data_config.format!r}; expected one of {FORMAT_CHOICES}")
-    if data_config.format in ("chat", "preference"):
+    if data_config.format in ("chat", "preference") or any(spec.format == "chat" for spec in specs):
         from plamo_jax.posttrain.sft import chat_template
 
         chat_template(data_config.chat_template)
@@ -94,7 +103,7 @@ class Corpus:
 
 def load_corpus(spec: CorpusSpec, tokenizer: Tokenizer, data_config: ml_collections.ConfigDict) -> Corpus:
     """A tokenized corpus directory (memory-mapped) or raw files / `builtin` (tokenized here)."""
-    if data_config.format == "chat":
+    if (spec.format or data_config.format) == "chat":
         from plamo_jax.posttrain.sft import chat_documents
 
         report = ReadReport()
@@ -298,7 +307,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
             "shuffle": bool(self.data_config.shuffle),
             "packing": self.data_config.packing,
             "format": self.data_config.format,
-            "chat_template": self.data_config.chat_template if self.data_config.format == "chat" else "",
+            "chat_template": self.data_config.chat_template,
             "mixture_block_rows": int(self.data_config.mixture_block_rows),
             "documents": [[c.documents.num_documents, c.documents.total_tokens] for c in self.corpora],
         }
