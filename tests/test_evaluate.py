@@ -144,3 +144,40 @@ def test_evaluate_tool_reports_perplexity_and_accuracy(tmp_path, corpus):
     bad = subprocess.run([*command[:4], "--perplexity", str(tmp_path / "missing.jsonl")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
+
+
+def test_generation_equals_the_cached_recurrent_decoder_of_the_hybrid_model():
+    """The cache-free sampler (every family) and PLaMo 2's cached decoding pick the same greedy tokens;
+    nucleus sampling with a tiny top_p keeps only the most likely token, so it is greedy too."""
+    from plamo_jax.configuration import load_recipe
+    from plamo_jax.evaluate.generate import generate
+    from plamo_jax.models.decoder import Decoder
+    from plamo_jax.models.hybrid import greedy_generate
+
+    model = Decoder(load_recipe("plamo2_tiny").model, rngs=nnx.Rngs(3))
+    prompt = np.random.default_rng(0).integers(3, 259, 9).astype(np.int32)
+    cached = np.asarray(greedy_generate(model, prompt[None], max_new_tokens=12))[0].tolist()
+    graphdef, params = nnx.split(model)
+    assert generate(graphdef, params, prompt, max_new_tokens=12) == cached
+    nucleus = generate(graphdef, params, prompt, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=5)
+    assert nucleus == cached
+    sampled = generate(graphdef, params, prompt, max_new_tokens=12, temperature=1.0, seed=5)
+    assert sampled != cached  # a real sample of a random model differs from the argmax path
+    assert generate(graphdef, params, prompt, max_new_tokens=12, stop_ids=(cached[3],)) == cached[:4]
+
+
+def test_generate_tool_answers_a_chat_message(tmp_path):
+    config, _, params = setup_for({})
+    config.data.chat_template = "plain"
+    save_params(tmp_path / "ckpt", jax.device_get(params), config.to_json())
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "tools/generate.py", "--checkpoint", str(tmp_path / "ckpt"),
+                             "--chat", "こんにちは", "--max-new-tokens", "8"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("\n") >= 1  # the reply (a random model's ids past the bytes decode to "")
+    missing = subprocess.run(
+        [sys.executable, "tools/generate.py", "--checkpoint", str(tmp_path / "none"), "--prompt", "x"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert missing.returncode == 2 and "none" in missing.stderr

@@ -1,0 +1,75 @@
+"""Generate text from a checkpoint, raw or as the assistant of a chat (for a quick look at a model).
+
+    python tools/generate.py --checkpoint runs/sft_tiny/checkpoints --chat "二十三を英語で。"
+    python tools/generate.py --checkpoint runs/tiny/checkpoints --prompt "日本の" --max-new-tokens 64
+        [--temperature 0.8 --top-p 0.95 --seed 0] [--step N]
+
+The tokenizer and chat template come from the checkpoint's saved config (data.tokenizer,
+data.chat_template). A chat reply stops at the template's end of turn or EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+from flax import nnx
+
+from plamo_jax.data.errors import DataError
+from plamo_jax.data.tokenizer import encode_to_array, tokenizer_from_config
+from plamo_jax.evaluate.generate import generate
+from plamo_jax.models.decoder import Decoder
+from plamo_jax.posttrain.sft import chat_template
+from plamo_jax.train.checkpoint import CheckpointError, load_config, load_params
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, help="an Orbax root or one step's directory")
+    parser.add_argument("--step", type=int, default=None)
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="raw text to continue")
+    prompt.add_argument("--chat", help="a user message; the reply is generated as the assistant")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv[1:])
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens={args.max_new_tokens}: expected >= 1")
+    try:
+        config = load_config(args.checkpoint, args.step)
+        tokenizer = tokenizer_from_config(config.data)
+        params, _ = load_params(args.checkpoint, args.step)
+        pieces = [np.array([tokenizer.bos_id])] if config.data.add_bos else []
+        stop_ids = [tokenizer.eos_id]
+        stop_text = None
+        if args.chat is not None:
+            template = chat_template(config.data.chat_template)
+            for role, text in (("user", args.chat), ("assistant", None)):
+                pieces.append(encode_to_array(tokenizer, template.role_header.format(role=role)))
+                if text is not None:
+                    pieces.append(encode_to_array(tokenizer, text))
+                    pieces.append(encode_to_array(tokenizer, template.end_of_turn))
+            stop_text = template.end_of_turn
+        else:
+            pieces.append(encode_to_array(tokenizer, args.prompt))
+    except (CheckpointError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(config.model, rngs=nnx.Rngs(0))))
+    prompt_ids = np.concatenate(pieces).astype(np.int32)
+    ids = generate(graphdef, params, prompt_ids, max_new_tokens=args.max_new_tokens, stop_ids=tuple(stop_ids),
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    text = tokenizer.decode([i for i in ids if i not in stop_ids])
+    if stop_text is not None and stop_text in text:
+        text = text[: text.index(stop_text)]
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
