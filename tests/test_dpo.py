@@ -178,3 +178,21 @@ def test_dpo_recipe_prefers_the_chosen_answers_and_resumes_exactly(tmp_path):
     a, _ = load_params(straight / "checkpoints", step=60)
     b, _ = load_params(resumed / "checkpoints", step=60)
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+USER = [{"role": "user", "content": "2+2?"}]
+ANSWER, WRONG = [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]
+
+
+@pytest.mark.parametrize("record", [
+    {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+    {"prompt": "2+2?", "chosen": USER + ANSWER, "rejected": USER + WRONG},
+    {"chosen": USER + ANSWER, "rejected": USER + WRONG},
+], ids=["separate-prompt", "ultrafeedback-style", "hh-rlhf-style"])
+def test_public_preference_layouts_give_the_same_pair(record):
+    from plamo_jax.posttrain.preference_data import split_pair
+
+    assert split_pair(record) == (USER, ANSWER, WRONG)
+    assert "share no beginning" in split_pair({"chosen": "4", "rejected": "5"})
+    assert "no assistant message after the prompt" in split_pair({"prompt": USER, "chosen": USER,
+                                                                  "rejected": USER + WRONG})

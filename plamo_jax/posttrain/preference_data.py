@@ -2,10 +2,11 @@
 
 A preference corpus is JSONL: {"prompt": str | [messages], "chosen": str | [messages],
 "rejected": str | [messages]}; a string prompt is a user message, a string response an assistant
-message. Only the responses are scored (their target masks), never the prompt. A pair whose longer
-sequence exceeds train.seq_len + 1 tokens is skipped and counted (cutting it would score a
-truncated response). Rows come from a seeded permutation per epoch, so like the pre-training
-iterator the state is a row counter and batches do not depend on the number of processes.
+message (`split_pair` also reads the other common layouts). Only the responses are scored (their
+target masks), never the prompt. A pair whose longer sequence exceeds train.seq_len + 1 tokens is
+skipped and counted (cutting it would score a truncated response). Rows come from a seeded
+permutation per epoch, so like the pre-training iterator the state is a row counter and batches
+do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -42,21 +43,39 @@ def _as_messages(value: object, default_role: str) -> object:
     return [{"role": default_role, "content": value}] if isinstance(value, str) else value
 
 
-def check_pair(record: object) -> str | None:
-    """Why a record is not a usable preference pair, or None."""
+def split_pair(record: object) -> tuple[list[dict], list[dict], list[dict]] | str:
+    """(prompt, chosen, rejected) message lists, or why the record is not a usable pair.
+
+    Accepts the common public layouts: a separate "prompt" (string or messages) with responses that
+    either follow it or repeat it first (UltraFeedback-style), or no "prompt" and two whole
+    conversations whose shared beginning is the prompt (HH-RLHF-style).
+    """
     if not isinstance(record, dict):
         return "not a JSON object"
-    for key in ("prompt", *SIDES):
-        if key not in record:
-            return f"no {key!r} field"
-        role = "user" if key == "prompt" else "assistant"
-        problem = check_message_list(_as_messages(record[key], role), key)
+    for side in SIDES:
+        if side not in record:
+            return f"no {side!r} field"
+        problem = check_message_list(_as_messages(record[side], "assistant"), side)
         if problem is not None:
             return problem
-    for side in SIDES:
-        if not any(m["role"] == "assistant" for m in _as_messages(record[side], "assistant")):
-            return f"{side!r} has no assistant message to score"
-    return None
+    chosen, rejected = (_as_messages(record[side], "assistant") for side in SIDES)
+    if "prompt" in record:
+        prompt = _as_messages(record["prompt"], "user")
+        problem = check_message_list(prompt, "prompt")
+        if problem is not None:
+            return problem
+    else:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt = chosen[:shared]
+        if not prompt:
+            return "no 'prompt' field and the two conversations share no beginning"
+    responses = [r[len(prompt):] if r[: len(prompt)] == prompt else r for r in (chosen, rejected)]
+    for side, response in zip(SIDES, responses, strict=True):
+        if not any(m["role"] == "assistant" for m in response):
+            return f"{side!r} has no assistant message after the prompt to score"
+    return prompt, responses[0], responses[1]
 
 
 def render_pair(
@@ -82,9 +101,7 @@ class PreferencePairs:
         self.sequences: list[list[tuple[np.ndarray, np.ndarray]]] = []
         for where, record in self._records(source, data_config.on_bad_input):
             pair = render_pair(
-                _as_messages(record["prompt"], "user"),
-                _as_messages(record["chosen"], "assistant"),
-                _as_messages(record["rejected"], "assistant"),
+                *split_pair(record),
                 tokenizer,
                 template,
                 add_bos,
@@ -124,9 +141,9 @@ class PreferencePairs:
                 except (UnicodeDecodeError, json.JSONDecodeError) as error:
                     self.report.bad("bad_json", where, str(error), on_bad_input)
                     continue
-                problem = check_pair(record)
-                if problem is not None:
-                    self.report.bad("bad_pair", where, problem, on_bad_input)
+                split = split_pair(record)
+                if isinstance(split, str):
+                    self.report.bad("bad_pair", where, split, on_bad_input)
                     continue
                 self.report.text_bytes += len(raw_line)
                 yield where, record
