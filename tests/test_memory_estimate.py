@@ -186,3 +186,19 @@ def test_tool_prints_breakdown_verdict_and_xla_comparison():
     assert "gradients" in done.stdout and "total" in done.stdout and "does NOT fit" in done.stdout
     arguments_row = next(line for line in done.stdout.splitlines() if line.startswith("state + batch"))
     assert arguments_row.split()[-1] == "1.000"
+
+
+@pytest.mark.parametrize("layout", ["1 device", "fsdp=8"])
+def test_dpo_estimate_counts_the_reference_and_both_sequences(layout):
+    """DPO holds a frozen reference copy and runs chosen + rejected rows: the estimate against XLA."""
+    num_devices = LAYOUTS[layout][0]
+    config = dense_config(layout, "full")
+    config.data.format, config.train.objective, config.checkpoint.init_params = "preference", "dpo", "x"
+    estimate = memory.estimate_memory(config, num_devices, host_kernels=True)
+    xla = memory.xla_memory(config, jax.devices()[:num_devices])
+    assert state_arguments(estimate) + estimate.bytes_of("DPO reference parameters") == xla.argument
+    assert LOW <= estimate.total / xla.peak <= HIGH, (estimate.table(), xla)
+    lm, _ = compared(layout, "full")
+    assert estimate.bytes_of("input batch") == 2 * lm.bytes_of("input batch")
+    saved = "activations saved for backward"
+    assert estimate.bytes_of(saved) > 1.9 * lm.bytes_of(saved)

@@ -431,6 +431,9 @@ def estimate_memory(config: ml_collections.ConfigDict, num_devices: int, *, devi
     if train.microbatches > 1:
         items.append(MemoryItem("gradient accumulation", fp32_shards,
                                 f"fp32 running sum over {train.microbatches} microbatches"))
+    if train.objective == "dpo":
+        items.append(MemoryItem("DPO reference parameters", fp32_shards,
+                                "frozen fp32 copy of the starting checkpoint, sharded like the parameters"))
     items += activation_items(config, layout, params, num_blocks, host_kernels)
     mesh_sizes = {axis: int(layout.mesh.shape[axis]) for axis in MESH_AXES}
     return MemoryEstimate(config.get("name", "config"), num_devices, mesh_sizes, m.remat, tuple(items),
@@ -439,10 +442,15 @@ def estimate_memory(config: ml_collections.ConfigDict, num_devices: int, *, devi
 
 def activation_items(config, layout: Layout, params: ParameterBytes, num_blocks: int,
                      host_kernels: bool) -> list[MemoryItem]:
-    """Everything that scales with the batch: inputs, residuals, working sets, logits."""
+    """Everything that scales with the batch: inputs, residuals, working sets, logits.
+
+    DPO runs each pair's chosen and rejected sequences as two rows of one forward pass (the
+    reference's forward keeps no residuals, so the policy's working set bounds it).
+    """
     m, train = config.model, config.train
     dtype_bytes = jnp.dtype(m.dtype).itemsize
-    rows = -(-train.global_batch_size // layout.divisor("act_batch"))
+    sequences = train.global_batch_size * (2 if train.objective == "dpo" else 1)
+    rows = -(-sequences // layout.divisor("act_batch"))
     batch = -(-rows // train.microbatches)
     length = layout.local(train.seq_len, "act_length")
     tokens = batch * length
@@ -517,11 +525,26 @@ def xla_memory(config: ml_collections.ConfigDict, devices: Sequence | None = Non
     setup = state_lib.setup_model(config.model, mesh, rules)
     optimizer = make_optimizer(config.optimizer, config.train.steps)
     batch_sharding = state_lib.batch_sharding(mesh, rules)
-    step = state_lib.jit_train_step(config, setup, optimizer)
+    dpo = config.train.objective == "dpo"
+    if dpo:
+        from plamo_jax.posttrain.dpo import jit_dpo_step
+        from plamo_jax.posttrain.preference_data import BATCH_KEYS as keys
+
+        step = jit_dpo_step(config, setup, optimizer)
+    else:
+        step, keys = state_lib.jit_train_step(config, setup, optimizer), BATCH_KEYS
+
+    def abstract(shape, dtype, sharding):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
     shape = (config.train.global_batch_size, config.train.seq_len)
-    batch = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "loss_mask" else jnp.int32,
-                                       sharding=batch_sharding) for key in BATCH_KEYS}
+    batch = {key: abstract(shape, jnp.float32 if key.endswith("loss_mask") else jnp.int32, batch_sharding)
+             for key in keys}
+    arguments = [state_lib.abstract_state(setup, optimizer), batch]
+    if dpo:  # the frozen reference parameters
+        arguments.append(jax.tree.map(lambda leaf, sharding: abstract(leaf.shape, leaf.dtype, sharding),
+                                      setup.abstract_params, setup.param_shardings))
     with sharding_context(mesh, rules):
-        analysis = step.lower(state_lib.abstract_state(setup, optimizer), batch).compile().memory_analysis()
+        analysis = step.lower(*arguments).compile().memory_analysis()
     return XlaMemory(analysis.argument_size_in_bytes, analysis.output_size_in_bytes,
                      analysis.alias_size_in_bytes, analysis.temp_size_in_bytes)
