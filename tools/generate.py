@@ -20,6 +20,7 @@ from plamo_jax.data.errors import DataError
 from plamo_jax.data.tokenizer import encode_to_array, tokenizer_from_config
 from plamo_jax.evaluate.generate import generate
 from plamo_jax.models.decoder import Decoder
+from plamo_jax.posttrain.jinja_template import JinjaChatTemplate
 from plamo_jax.posttrain.sft import chat_template
 from plamo_jax.train.checkpoint import CheckpointError, load_config, load_params
 
@@ -47,8 +48,11 @@ def main(argv: list[str]) -> int:
         pieces = [np.array([tokenizer.bos_id])] if config.data.add_bos else []
         stop_ids = [tokenizer.eos_id]
         stop_text = None
-        if args.chat is not None:
-            template = chat_template(config.data.chat_template)
+        template = chat_template(config.data.chat_template, tokenizer) if args.chat is not None else None
+        if isinstance(template, JinjaChatTemplate):  # the tokenizer's own template places BOS itself
+            message = [{"role": "user", "content": args.chat}]
+            pieces = [encode_to_array(tokenizer, template.render(message, add_generation_prompt=True))]
+        elif template is not None:
             for role, text in (("user", args.chat), ("assistant", None)):
                 pieces.append(encode_to_array(tokenizer, template.role_header.format(role=role)))
                 if text is not None:

@@ -28,7 +28,9 @@ def data_defaults() -> ml_collections.ConfigDict:
     # A `chat:` or `text:` prefix on a data.source entry overrides this for that corpus.
     d.format = "text"
     d.messages_field = "messages"  # chat: the field holding [{"role", "content"}, ...]
-    d.chat_template = "chatml"  # chat and preference: chatml | llama3 | plain
+    # chat and preference: chatml | llama3 | plain | tokenizer (the Jinja chat_template of a Hugging
+    # Face tokenizer's tokenizer_config.json; it places BOS and end-of-turn tokens itself)
+    d.chat_template = "chatml"
     d.add_bos = True  # prepend BOS to every document (EOS is always appended)
     d.shuffle = True  # a new seeded document order every epoch
     # concat: documents back to back, rows cut every seq_len tokens (no padding).

@@ -143,6 +143,7 @@ class HuggingFaceTokenizer:
             ) from error
         self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
         configured = self._read_tokenizer_config()
+        self.chat_template_source = configured.get("chat_template")
         eos = self._resolve("eos", eos_token or configured.get("eos_token"), _EOS_CANDIDATES)
         if eos is None:
             raise DataError(
@@ -155,6 +156,10 @@ class HuggingFaceTokenizer:
         self.bos_id = eos if bos is None else bos  # GPT-2 style vocabularies frame documents with EOS only
         self.pad_id = eos if pad is None else pad
         self._special_ids = {self.bos_id, self.eos_id, self.pad_id}
+        self.special_tokens = {
+            "bos_token": self._tokenizer.id_to_token(self.bos_id),
+            "eos_token": self._tokenizer.id_to_token(self.eos_id),
+        }
         specials = f"{self.bos_id},{self.eos_id},{self.pad_id}"
         self._fingerprint = (
             "hf-" + hashlib.sha256((_file_sha256(self.path) + specials).encode()).hexdigest()[:16]
@@ -173,6 +178,12 @@ class HuggingFaceTokenizer:
             token = _special_from_config(raw.get(key))
             if token:
                 found[key] = token
+        template = raw.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if isinstance(template, str):
+            found["chat_template"] = template
         return found
 
     def _resolve(self, role: str, token: str | None, candidates: Sequence[str]) -> int | None:
@@ -192,6 +203,11 @@ class HuggingFaceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's (start, end) character offsets in `text`."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        return list(encoding.ids), [tuple(offset) for offset in encoding.offsets]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids if int(i) not in self._special_ids])

@@ -96,7 +96,7 @@ class PreferencePairs:
         self, source: str, tokenizer: Tokenizer, data_config: ml_collections.ConfigDict, seq_len: int
     ):
         self.report = ReadReport()
-        template = chat_template(data_config.chat_template)
+        template = chat_template(data_config.chat_template, tokenizer)
         add_bos = bool(data_config.add_bos)
         self.sequences: list[list[tuple[np.ndarray, np.ndarray]]] = []
         for where, record in self._records(source, data_config.on_bad_input):

@@ -23,6 +23,7 @@ from plamo_jax.data.documents import TokenDocuments, documents_from_token_lists
 from plamo_jax.data.errors import DataError
 from plamo_jax.data.sources import JSONL_SUFFIXES, ReadReport, list_input_files
 from plamo_jax.data.tokenizer import Tokenizer, encode_to_array
+from plamo_jax.posttrain.jinja_template import JinjaChatTemplate, render_with_template
 
 ROLES = ("system", "user", "assistant")
 BUILTIN_CHAT = "builtin_chat"
@@ -39,22 +40,43 @@ CHAT_TEMPLATES = {
     "llama3": ChatTemplate("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>"),
     # For tokenizers without chat special tokens (the byte tokenizer, base models).
     "plain": ChatTemplate("### {role}:\n", "\n\n"),
-}
+}  # and "tokenizer": the chat_template of a Hugging Face tokenizer_config.json (jinja_template.py)
 
 
-def chat_template(name: str) -> ChatTemplate:
-    if name not in CHAT_TEMPLATES:
-        raise DataError(f"data.chat_template={name!r}; expected one of {sorted(CHAT_TEMPLATES)}")
-    return CHAT_TEMPLATES[name]
+TEMPLATE_NAMES = (*sorted(CHAT_TEMPLATES), "tokenizer")
+
+
+def chat_template(name: str, tokenizer: Tokenizer | None = None) -> ChatTemplate | JinjaChatTemplate:
+    """A named template, or with "tokenizer" the Jinja template of a Hugging Face tokenizer's config."""
+    if name not in TEMPLATE_NAMES:
+        raise DataError(f"data.chat_template={name!r}; expected one of {TEMPLATE_NAMES}")
+    if name != "tokenizer":
+        return CHAT_TEMPLATES[name]
+    if tokenizer is None:  # validation only: the tokenizer is checked when the data is read
+        return CHAT_TEMPLATES["chatml"]
+    source = getattr(tokenizer, "chat_template_source", None)
+    if not source:
+        raise DataError(
+            "data.chat_template='tokenizer' needs a Hugging Face tokenizer whose tokenizer_config.json has a "
+            f"chat_template; data.tokenizer has none ({type(tokenizer).__name__})"
+        )
+    return JinjaChatTemplate(source, **tokenizer.special_tokens, where=str(tokenizer.path))
 
 
 def render_conversation(
-    messages: list[dict], tokenizer: Tokenizer, template: ChatTemplate, add_bos: bool, first_learned: int = 0
+    messages: list[dict],
+    tokenizer: Tokenizer,
+    template: ChatTemplate | JinjaChatTemplate,
+    add_bos: bool,
+    first_learned: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, target mask): mask[t] = 1 where predicting token t is trained (assistant output).
 
     Assistant messages before index `first_learned` are context only (a DPO prompt's earlier turns).
+    A tokenizer's Jinja template places BOS / end-of-turn tokens itself (add_bos does not apply).
     """
+    if isinstance(template, JinjaChatTemplate):
+        return render_with_template(messages, tokenizer, template, first_learned)
     pieces: list[np.ndarray] = []
     masks: list[np.ndarray] = []
 
@@ -123,7 +145,7 @@ def chat_documents(
     source: str, tokenizer: Tokenizer, data_config, report: ReadReport
 ) -> TokenDocuments:
     """Render every conversation of a JSONL file or directory (or `builtin_chat`) into documents."""
-    template = chat_template(data_config.chat_template)
+    template = chat_template(data_config.chat_template, tokenizer)
     if source == BUILTIN_CHAT:
         conversations: Iterator[list[dict]] | list[list[dict]] = builtin_conversations()
         report.documents += len(conversations)
