@@ -24,6 +24,7 @@ from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.posttrain.dpo import response_log_probs
 from plamo_jax.posttrain.sft import builtin_turns
 from plamo_jax.train import state as state_lib
+from plamo_jax.train.metrics import Progress
 
 BUILTIN_CHOICE = "builtin_choice"
 
@@ -110,12 +111,15 @@ def evaluate_multiple_choice(
     local_rows = batch_size // jax.process_count()
     first_local = jax.process_index() * local_rows
     log_probs = []
+    progress = Progress(0, len(rows) // batch_size, enabled=jax.process_index() == 0)
     with sharding_context(setup.mesh, setup.rules):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start + first_local : start + first_local + local_rows]
             local = {key: np.stack([row[key] for row in chunk]) for key in chunk[0]}
             scores = score(params, state_lib.global_batch(local, batch_sharding, batch_size))
             log_probs.extend(np.asarray(multihost_utils.process_allgather(scores, tiled=True)))
+            progress.update(1)
+    progress.close()
 
     sums = [[0.0] * len(example["choices"]) for example in examples]
     for (index, choice_index), value in zip(owners, log_probs, strict=False):

@@ -20,6 +20,7 @@ from plamo_jax.data.errors import DataError
 from plamo_jax.data.pipeline import make_train_iterator, parse_sources
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import state as state_lib
+from plamo_jax.train.metrics import Progress
 from plamo_jax.train.step import model_loss_sums
 
 
@@ -86,8 +87,10 @@ def evaluate_perplexity(
         )
         rows = int(data.rows.packed[0].rows_per_epoch)
         nats, tokens = 0.0, 0
+        steps = math.ceil(rows / batch_size)
+        progress = Progress(0, steps, enabled=jax.process_index() == 0)
         with sharding_context(setup.mesh, setup.rules):
-            for step in range(math.ceil(rows / batch_size)):
+            for step in range(steps):
                 local = next(data)
                 first_row = step * batch_size + jax.process_index() * data.local_batch_size
                 beyond_epoch = first_row + np.arange(data.local_batch_size) >= rows
@@ -96,6 +99,8 @@ def evaluate_perplexity(
                 step_nats, step_tokens = jax.device_get(loss_sums(params, batch))
                 nats += float(step_nats)
                 tokens += int(step_tokens)
+                progress.update(1, corpus=spec.path, loss=f"{nats / max(tokens, 1):.4f}")
+        progress.close()
         data.close()
         corpus = data.corpora[0]
         documents, text_bytes = corpus.documents.num_documents, corpus.read_report.text_bytes
