@@ -231,3 +231,41 @@ def test_mesh_that_replicates_the_batch_across_hosts_is_refused(tmp_path):
     )
     assert result.returncode != 0
     assert "each process's devices hold 16 of the 16 batch rows" in result.stderr
+
+
+def free_slurm_job_id() -> int:
+    """A job id whose coordinator port (JAX: 61440 + id % 4096) is free on this machine."""
+    import socket
+
+    for job_id in np.random.default_rng().permutation(4096):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", 61440 + int(job_id)))
+                return int(job_id)
+            except OSError:
+                continue
+    raise RuntimeError("no free port in JAX's SLURM range")
+
+
+def test_slurm_environment_starts_the_hosts_like_the_sbatch_script(tmp_path):
+    """launch/slurm/train.sbatch runs `srun launch/train.py` with PLAMO_DISTRIBUTED=auto: two processes
+    given SLURM's variables find each other and train exactly like one process with both devices."""
+    common = ["--config", "configs/tiny.py", "--config.train.steps=3", "--config.checkpoint.enabled=False"]
+    run([*common, f"--config.train.output_dir={tmp_path / 'one'}"], devices=2)
+    job_id = free_slurm_job_id()
+    processes = []
+    for rank in range(2):
+        slurm = dict(SLURM_JOB_ID=str(job_id), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                     SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_NODES="1")
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                   PLAMO_DISTRIBUTED="auto", **slurm)
+        processes.append(subprocess.Popen(
+            [sys.executable, "launch/train.py", *common, f"--config.train.output_dir={tmp_path / 'slurm'}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "mesh {'data': 2," in outputs[0][1]  # one mesh over both processes' devices
+    one, slurm = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "slurm")
+    assert len(one) == len(slurm) == 3
+    for a, b in zip(one, slurm, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)

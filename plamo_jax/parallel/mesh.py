@@ -72,14 +72,15 @@ def maybe_initialize_distributed() -> None:
     Reads PLAMO_COORDINATOR (host:port), PLAMO_NUM_PROCESSES, PLAMO_PROCESS_ID (set by the local
     launcher or a job script); with PLAMO_DISTRIBUTED=auto, JAX detects SLURM and TPU-VM clusters itself.
     """
-    if os.environ.get("PLAMO_DISTRIBUTED") == "auto":
-        jax.distributed.initialize()
-        return
+    auto = os.environ.get("PLAMO_DISTRIBUTED") == "auto"
     coordinator = os.environ.get("PLAMO_COORDINATOR")
-    if not coordinator:
+    if not (auto or coordinator):
         return
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if auto:
+        jax.distributed.initialize()
+        return
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=int(os.environ["PLAMO_NUM_PROCESSES"]),
