@@ -19,6 +19,7 @@ from plamo_jax.parallel.rules import DEFAULT_RULES, merge_rules
 from plamo_jax.train.optimizer import SCHEDULES, WSD_DECAY_SHAPES
 
 OBJECTIVES = ("lm", "dpo")
+ATTENTION_IMPLS = ("dense", "flash")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,10 @@ def _model_defaults() -> ml_collections.ConfigDict:
     # routers and routed experts stay in model.dtype.
     m.fp8 = False
     m.remat = "none"  # none | save_dots | full
+    # dense: one [L, L] score matrix per head (fastest for short sequences). flash: blockwise online
+    # softmax with a hand-written backward, memory linear in the sequence (models/flash_attention.py).
+    m.attention_impl = "dense"
+    m.attention_block = 512  # flash: query / key block length
     m.scan_unroll = 1  # layers per scan iteration; 1 keeps compile time flat in depth
     # hybrid (PLaMo 2 / Samba)
     m.mamba_step = 2
@@ -243,6 +248,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"divisible by the sequence-parallel mesh size {size['sequence']}",
     )
     _require(t.steps > 0, "train.steps", t.steps, "a positive number of steps")
+    _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
+             f"one of {ATTENTION_IMPLS}")
+    _require(m.attention_block > 0, "model.attention_block", m.attention_block, "a positive block length")
     _require(t.objective in OBJECTIVES, "train.objective", t.objective, f"one of {OBJECTIVES}")
     if t.objective == "dpo":
         _require(

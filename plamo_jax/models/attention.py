@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from plamo_jax.models.flash_attention import flash_attention
 from plamo_jax.models.fp8 import projection
 from plamo_jax.models.layers import RMSNorm, apply_rope, normal, param
 from plamo_jax.parallel.rules import constrain
@@ -66,6 +67,8 @@ class Attention(nnx.Module):
         dtype,
         rngs: nnx.Rngs,
         fp8: bool = False,
+        impl: str = "dense",
+        block: int = 512,
     ):
         if qk_norm not in QK_NORM_KINDS:
             raise ValueError(f"qk_norm must be one of {QK_NORM_KINDS}, got {qk_norm!r}")
@@ -75,6 +78,7 @@ class Attention(nnx.Module):
         self.rope_theta = rope_theta
         self.dtype = dtype
         self.fp8 = fp8
+        self.impl, self.block = impl, block
         self.q_proj = param(
             rngs, normal(init_std), (d_model, num_heads, head_dim), ("embed", "heads", "head_dim")
         )
@@ -125,7 +129,10 @@ class Attention(nnx.Module):
         q = constrain(q, ("act_batch", None, "act_heads", "act_head_dim"))
         k = constrain(k, ("act_batch", None, "act_kv_heads", "act_head_dim"))
         v = constrain(v, ("act_batch", None, "act_kv_heads", "act_head_dim"))
-        attended = dot_product_attention(q, k, v, attention_mask(segment_ids_BL, window))
+        if self.impl == "flash":
+            attended = flash_attention(q, k, v, segment_ids_BL, window, self.block)
+        else:
+            attended = dot_product_attention(q, k, v, attention_mask(segment_ids_BL, window))
         attended = constrain(attended, ("act_batch", None, "act_heads", "act_head_dim"))
         return self.project_out(attended)
 

@@ -46,6 +46,8 @@ def make_attention(cfg: ml_collections.ConfigDict, *, qk_norm: str, rngs: nnx.Rn
         dtype=compute_dtype(cfg),
         rngs=rngs,
         fp8=cfg.fp8,
+        impl=cfg.attention_impl,
+        block=cfg.attention_block,
     )
 
 
