@@ -7,6 +7,7 @@ def get_config():
     config = default_config()
     config.name = "plamo2_1b"
     m = config.model
+    m.attention_impl = "flash"  # long sequences: memory linear in length, masked blocks skipped
     m.family = "hybrid"
     m.vocab_size = 100000
     m.d_model, m.num_layers, m.mlp_dim = 2048, 16, 8192

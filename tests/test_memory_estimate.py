@@ -202,3 +202,18 @@ def test_dpo_estimate_counts_the_reference_and_both_sequences(layout):
     assert estimate.bytes_of("input batch") == 2 * lm.bytes_of("input batch")
     saved = "activations saved for backward"
     assert estimate.bytes_of(saved) > 1.9 * lm.bytes_of(saved)
+
+
+def test_flash_attention_estimate_matches_xla():
+    """With flash attention the traced residuals are the kernel's own (q, k, v, out, log-normaliser)."""
+    config = dense_config("fsdp=8", "none")
+    config.model.attention_impl, config.model.attention_block = "flash", 16
+    config.train.seq_len = 128
+    estimate = memory.estimate_memory(config, 8, host_kernels=True)
+    xla = memory.xla_memory(config, jax.devices()[:8])
+    assert state_arguments(estimate) == xla.argument
+    assert LOW <= estimate.total / xla.peak <= HIGH, (estimate.table(), xla)
+    dense = dense_config("fsdp=8", "none")
+    dense.train.seq_len = 128
+    saved = "activations saved for backward"
+    assert estimate.bytes_of(saved) < memory.estimate_memory(dense, 8, host_kernels=True).bytes_of(saved)
