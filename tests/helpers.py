@@ -6,8 +6,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from plamo_jax.configuration import default_config
-from plamo_jax.parallel.rules import MESH_AXES
+from plamo_jax.configuration import default_config, mesh_rules
+from plamo_jax.parallel.rules import MESH_AXES, sharding_context
+from plamo_jax.train import state as state_lib
+from plamo_jax.train.step import model_loss_sums
 
 
 def small_config(**model_overrides):
@@ -31,6 +33,27 @@ def mesh_of(devices=None, **sizes) -> Mesh:
     count = int(np.prod(shape))
     devices = (devices or jax.devices())[:count]
     return Mesh(np.array(devices).reshape(shape), MESH_AXES)
+
+
+def initial_host_params(config, seed: int = 0):
+    """A model's initial parameters as host arrays (to place on any mesh)."""
+    setup = state_lib.setup_model(config.model, mesh_of(data=1), mesh_rules(config))
+    return jax.device_get(state_lib.init_params(config.model, setup, seed=seed))
+
+
+def loss_and_grads(config, mesh, host_params, host_batch):
+    """(mean loss without z-loss, its gradients) of one batch on `mesh`, fetched to the host."""
+    rules = mesh_rules(config)
+    setup = state_lib.setup_model(config.model, mesh, rules)
+    params = jax.device_put(host_params, setup.param_shardings)
+    batch = jax.device_put(host_batch, state_lib.batch_sharding(mesh, rules))
+
+    def loss(params, batch):
+        objective, sums = model_loss_sums(setup.graphdef, params, batch, config.model, 0.0)
+        return objective / sums["tokens"]
+
+    with sharding_context(mesh, rules):
+        return jax.device_get(jax.jit(jax.value_and_grad(loss))(params, batch))
 
 
 def random_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, max_docs: int = 3):

@@ -8,7 +8,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from helpers import mesh_of, small_config
+from helpers import initial_host_params, mesh_of, small_config
 from test_train_end_to_end import read_metrics, run
 
 from plamo_jax.configuration import ConfigError, mesh_rules, validate_config
@@ -99,10 +99,7 @@ def run_dpo_step(config, mesh, host_policy, host_reference, host_batch):
 @pytest.fixture(scope="module")
 def two_models():
     config = dpo_config()
-    setup = state_lib.setup_model(config.model, mesh_of(data=1), mesh_rules(config))
-    policy = jax.device_get(state_lib.init_params(config.model, setup, seed=0))
-    reference = jax.device_get(state_lib.init_params(config.model, setup, seed=1))
-    return policy, reference
+    return initial_host_params(config, seed=0), initial_host_params(config, seed=1)
 
 
 def test_dpo_loss_equals_the_per_pair_closed_form(batch, two_models):

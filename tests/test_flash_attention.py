@@ -6,16 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import mesh_of, random_batch, small_config
+from helpers import initial_host_params, loss_and_grads, mesh_of, random_batch, small_config
 
-from plamo_jax.configuration import load_recipe, mesh_rules
+from plamo_jax.configuration import load_recipe
 from plamo_jax.models import attention as attention_module
 from plamo_jax.models.attention import attention_mask, dot_product_attention
 from plamo_jax.models.decoder import Decoder
 from plamo_jax.models.flash_attention import flash_attention
-from plamo_jax.parallel.rules import sharding_context
-from plamo_jax.train import state as state_lib
-from plamo_jax.train.step import model_loss_sums
 
 
 def random_inputs(seed, batch=2, length=37, heads=4, kv_heads=2, head_dim=8):
@@ -59,26 +56,11 @@ def flash_calls(monkeypatch):
     return calls
 
 
-def loss_and_grads(config, mesh, host_params, host_batch):
-    rules = mesh_rules(config)
-    setup = state_lib.setup_model(config.model, mesh, rules)
-    params = jax.device_put(host_params, setup.param_shardings)
-    batch = jax.device_put(host_batch, state_lib.batch_sharding(mesh, rules))
-
-    def loss(params, batch):
-        objective, sums = model_loss_sums(setup.graphdef, params, batch, config.model, 0.0)
-        return objective / sums["tokens"]
-
-    with sharding_context(mesh, rules):
-        return jax.device_get(jax.jit(jax.value_and_grad(loss))(params, batch))
-
-
 @pytest.mark.parametrize("mesh_sizes", [dict(data=1), dict(data=2, tensor=2), dict(fsdp=2, sequence=2)],
                          ids=["one device", "data=2,tensor=2", "fsdp=2,sequence=2"])
 def test_model_step_with_flash_equals_dense(mesh_sizes, flash_calls):
     dense_config = small_config()
-    setup = state_lib.setup_model(dense_config.model, mesh_of(data=1), mesh_rules(dense_config))
-    host_params = jax.device_get(state_lib.init_params(dense_config.model, setup, seed=0))
+    host_params = initial_host_params(dense_config)
     host_batch = random_batch(np.random.default_rng(1), 8, 16, dense_config.model.vocab_size)
     loss, grads = loss_and_grads(dense_config, mesh_of(data=1), host_params, host_batch)
     flash_config = small_config(attention_impl="flash", attention_block=8)

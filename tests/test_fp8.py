@@ -9,16 +9,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import mesh_of, random_batch, small_config
+from helpers import initial_host_params, loss_and_grads, mesh_of, random_batch, small_config
 from jax.sharding import NamedSharding, PartitionSpec
 
-from plamo_jax.configuration import load_recipe, mesh_rules
+from plamo_jax.configuration import load_recipe
 from plamo_jax.models import fp8 as fp8_module
 from plamo_jax.models.decoder import Decoder
 from plamo_jax.models.fp8 import fp8_einsum, quantize_dequantize
-from plamo_jax.parallel.rules import sharding_context
-from plamo_jax.train import state as state_lib
-from plamo_jax.train.step import model_loss_sums
 from plamo_jax.train.trainer import train
 
 
@@ -85,20 +82,6 @@ def test_sharded_operands_use_the_scale_of_the_whole_tensor(x_spec, w_spec):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), sharded, expected)
 
 
-def loss_and_grads(config, mesh, host_params, host_batch):
-    rules = mesh_rules(config)
-    setup = state_lib.setup_model(config.model, mesh, rules)
-    params = jax.device_put(host_params, setup.param_shardings)
-    batch = jax.device_put(host_batch, state_lib.batch_sharding(mesh, rules))
-
-    def loss(params, batch):
-        objective, sums = model_loss_sums(setup.graphdef, params, batch, config.model, 0.0)
-        return objective / sums["tokens"]
-
-    with sharding_context(mesh, rules):
-        return jax.device_get(jax.jit(jax.value_and_grad(loss))(params, batch))
-
-
 def relative_distance(a, b) -> float:
     """Largest per-parameter relative L2 distance between two gradient trees."""
     return max(float(np.linalg.norm(x - y) / np.linalg.norm(y))
@@ -110,8 +93,7 @@ def test_fp8_model_sharded_equals_single_device_within_fp8_rounding():
     tips an FP8 rounding (an E5M2 step is 25%), far less than FP8 itself moves them from fp32."""
     config = small_config(fp8=True, num_layers=1)
     mesh = mesh_of(data=1)
-    setup = state_lib.setup_model(config.model, mesh, mesh_rules(config))
-    host_params = jax.device_get(state_lib.init_params(config.model, setup, seed=0))
+    host_params = initial_host_params(config)
     host_batch = random_batch(np.random.default_rng(0), 8, 16, config.model.vocab_size)
     loss, grads = loss_and_grads(config, mesh, host_params, host_batch)
 

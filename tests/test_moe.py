@@ -49,6 +49,16 @@ def naive_moe(x_TD, router_DE, gate_EDF, up_EDF, down_EFD, k, softmax_before_top
     return out
 
 
+def assert_trees_close(got, expected):
+    """Leaf by leaf (named by its path on failure), at the tolerance of a sharded MoE step."""
+    flat_expected = jax.tree_util.tree_leaves_with_path(expected)
+    flat_got = jax.tree_util.tree_leaves(got)
+    assert len(flat_expected) == len(flat_got)
+    for (path, want), have in zip(flat_expected, flat_got, strict=True):
+        np.testing.assert_allclose(np.asarray(have), np.asarray(want), atol=2e-6, rtol=2e-5,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.parametrize("before, renorm", [(True, True), (True, False), (False, False)])
 def test_dropless_dispatch_matches_per_token_loop(before, renorm):
     cfg = moe_cfg(router_softmax_before_topk=before, router_renormalize=renorm, num_experts_per_token=3)
@@ -202,12 +212,7 @@ def test_expert_parallel_matches_single_device(mesh_name, capacity_factor):
     with rules.sharding_context(mesh, rules.DEFAULT_RULES):
         assert "all_to_all" in str(jax.make_jaxpr(lambda m: loss_and_grads(m, ids))(model))
         got = nnx.jit(loss_and_grads)(model, ids)
-    flat_expected = jax.tree_util.tree_leaves_with_path(expected)
-    flat_got = jax.tree_util.tree_leaves(got)
-    assert len(flat_expected) == len(flat_got)
-    for (path, want), have in zip(flat_expected, flat_got, strict=True):
-        np.testing.assert_allclose(np.asarray(have), np.asarray(want), atol=2e-6, rtol=2e-5,
-                                   err_msg=jax.tree_util.keystr(path))
+    assert_trees_close(got, expected)
 
 
 def test_expert_parallel_layer_forward_and_grad():
@@ -230,12 +235,7 @@ def test_expert_parallel_layer_forward_and_grad():
     with rules.sharding_context(mesh, rules.DEFAULT_RULES):
         assert "all_to_all" in str(jax.make_jaxpr(lambda x: layer(x))(x_BLD))
         got = step(layer, x_BLD)
-    flat_expected = jax.tree_util.tree_leaves_with_path(expected)
-    flat_got = jax.tree_util.tree_leaves(got)
-    assert len(flat_expected) == len(flat_got)
-    for (path, want), have in zip(flat_expected, flat_got, strict=True):
-        np.testing.assert_allclose(np.asarray(have), np.asarray(want), atol=2e-6, rtol=2e-5,
-                                   err_msg=jax.tree_util.keystr(path))
+    assert_trees_close(got, expected)
 
 
 def test_local_path_under_mesh_without_expert_axis():

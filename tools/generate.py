@@ -20,8 +20,7 @@ from plamo_jax.data.errors import DataError
 from plamo_jax.data.tokenizer import encode_to_array, tokenizer_from_config
 from plamo_jax.evaluate.generate import generate
 from plamo_jax.models.decoder import Decoder
-from plamo_jax.posttrain.jinja_template import JinjaChatTemplate
-from plamo_jax.posttrain.sft import chat_template
+from plamo_jax.posttrain.sft import chat_template, generation_prompt
 from plamo_jax.train.checkpoint import CheckpointError, load_config, load_params
 
 
@@ -45,28 +44,21 @@ def main(argv: list[str]) -> int:
         config = load_config(args.checkpoint, args.step)
         tokenizer = tokenizer_from_config(config.data)
         params, _ = load_params(args.checkpoint, args.step)
-        pieces = [np.array([tokenizer.bos_id])] if config.data.add_bos else []
-        stop_ids = [tokenizer.eos_id]
         stop_text = None
-        template = chat_template(config.data.chat_template, tokenizer) if args.chat is not None else None
-        if isinstance(template, JinjaChatTemplate):  # the tokenizer's own template places BOS itself
+        if args.chat is not None:
+            template = chat_template(config.data.chat_template, tokenizer)
             message = [{"role": "user", "content": args.chat}]
-            pieces = [encode_to_array(tokenizer, template.render(message, add_generation_prompt=True))]
-        elif template is not None:
-            for role, text in (("user", args.chat), ("assistant", None)):
-                pieces.append(encode_to_array(tokenizer, template.role_header.format(role=role)))
-                if text is not None:
-                    pieces.append(encode_to_array(tokenizer, text))
-                    pieces.append(encode_to_array(tokenizer, template.end_of_turn))
-            stop_text = template.end_of_turn
+            prompt_ids = generation_prompt(message, tokenizer, template, bool(config.data.add_bos))
+            stop_text = getattr(template, "end_of_turn", None)  # a Jinja template ends turns with EOS
         else:
-            pieces.append(encode_to_array(tokenizer, args.prompt))
+            bos = [tokenizer.bos_id] if config.data.add_bos else []
+            prompt_ids = np.concatenate([bos, encode_to_array(tokenizer, args.prompt)]).astype(np.int32)
     except (CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(config.model, rngs=nnx.Rngs(0))))
-    prompt_ids = np.concatenate(pieces).astype(np.int32)
-    ids = generate(graphdef, params, prompt_ids, max_new_tokens=args.max_new_tokens, stop_ids=tuple(stop_ids),
+    stop_ids = (tokenizer.eos_id,)
+    ids = generate(graphdef, params, prompt_ids, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     text = tokenizer.decode([i for i in ids if i not in stop_ids])
     if stop_text is not None and stop_text in text:

@@ -287,17 +287,23 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self.process_index = process_index
         self.process_count = process_count
         self.tokenizer = tokenizer_from_config(data_config)
-        self.corpora = [
-            load_corpus(spec, self.tokenizer, data_config) for spec in parse_sources(data_config.source)
-        ]
-        self.rows = GlobalRows(
-            self.corpora, data_config, seq_len=seq_len, seed=seed, pad_id=self.tokenizer.pad_id
-        )
+        self.rows = self._load_rows()
         self.fingerprint = self._fingerprint()
         self.step = 0
         self.rows_consumed = 0  # global rows before the next batch
-        self.packing_stats = PackingStats(rows_per_corpus=[0] * len(self.corpora))
+        self.packing_stats = PackingStats(rows_per_corpus=[0] * self.corpus_count)
         self._iterator: Iterator | None = None
+
+    def _load_rows(self):
+        """Read the corpora; the global row index -> batch fields mapping the batches are cut from."""
+        config = self.data_config
+        self.corpora = [load_corpus(spec, self.tokenizer, config) for spec in parse_sources(config.source)]
+        pad_id = self.tokenizer.pad_id
+        return GlobalRows(self.corpora, config, seq_len=self.seq_len, seed=self.seed, pad_id=pad_id)
+
+    @property
+    def corpus_count(self) -> int:
+        return len(self.corpora)
 
     def _fingerprint(self) -> str:
         description = {
@@ -420,7 +426,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     def global_batch(self, rows_consumed: int) -> dict[str, np.ndarray]:
         """The whole global batch starting at a row (for tests and debugging; reads every row)."""
         rows = [self.rows[rows_consumed + k] for k in range(self.global_batch_size)]
-        return {key: np.stack([row[key] for row in rows]) for key in BATCH_KEYS}
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
     def close(self) -> None:
         iterator, self._iterator = self._iterator, None

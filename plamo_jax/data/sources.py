@@ -100,7 +100,8 @@ def _accept(text: str, where: str, report: ReadReport, on_bad_input: str) -> boo
     return True
 
 
-def _read_jsonl(path: Path, text_field: str, report: ReadReport, on_bad_input: str) -> Iterator[str]:
+def iter_json_records(path: Path, report: ReadReport, on_bad_input: str) -> Iterator[tuple[str, object]]:
+    """(`file:line`, parsed record) for every JSONL line; undecodable lines are counted as bad."""
     with open(path, "rb") as f:
         for line_number, raw_line in enumerate(f, start=1):
             where = f"{path}:{line_number}"
@@ -116,15 +117,20 @@ def _read_jsonl(path: Path, text_field: str, report: ReadReport, on_bad_input: s
             except json.JSONDecodeError as error:
                 report.bad("bad_json", where, str(error), on_bad_input)
                 continue
-            if not isinstance(record, dict) or text_field not in record:
-                report.bad("missing_field", where, f"no {text_field!r} field (data.text_field)", on_bad_input)
-                continue
-            text = record[text_field]
-            if not isinstance(text, str):
-                report.bad("not_text", where, f"field {text_field!r} is {type(text).__name__}", on_bad_input)
-                continue
-            if _accept(text, where, report, on_bad_input):
-                yield text
+            yield where, record
+
+
+def _read_jsonl(path: Path, text_field: str, report: ReadReport, on_bad_input: str) -> Iterator[str]:
+    for where, record in iter_json_records(path, report, on_bad_input):
+        if not isinstance(record, dict) or text_field not in record:
+            report.bad("missing_field", where, f"no {text_field!r} field (data.text_field)", on_bad_input)
+            continue
+        text = record[text_field]
+        if not isinstance(text, str):
+            report.bad("not_text", where, f"field {text_field!r} is {type(text).__name__}", on_bad_input)
+            continue
+        if _accept(text, where, report, on_bad_input):
+            yield text
 
 
 def _read_parquet(path: Path, text_field: str, report: ReadReport, on_bad_input: str) -> Iterator[str]:

@@ -22,7 +22,7 @@ from plamo_jax.data.packing import row_arrays
 from plamo_jax.data.tokenizer import Tokenizer, encode_to_array
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.posttrain.dpo import response_log_probs
-from plamo_jax.posttrain.sft import builtin_turns
+from plamo_jax.posttrain.sft import CHAT_TEMPLATES, builtin_turns
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.metrics import Progress
 
@@ -142,12 +142,14 @@ def evaluate_multiple_choice(
 def builtin_choice_examples(count: int = 200, seed: int = 7) -> list[dict]:
     """The bundled chat questions as two-way choices: the answer in the asked language and form vs not."""
     rng = np.random.default_rng(seed)
+    plain = CHAT_TEMPLATES["plain"]  # the bundled SFT recipe's template
     examples = []
     for question, answer, worse, _ in builtin_turns(count, seed):
         choices = [answer, worse]
         order = rng.permutation(2)
         examples.append({
-            "context": f"### user:\n{question}\n\n### assistant:\n",
+            "context": plain.role_header.format(role="user") + question + plain.end_of_turn
+            + plain.role_header.format(role="assistant"),
             "choices": [choices[i] for i in order],
             "answer": int(np.flatnonzero(order == 0)[0]),
         })

@@ -98,15 +98,9 @@ def dpo_train_step(
     def loss_sums(params, microbatch):
         return dpo_loss_sums(graphdef, params, reference_params, microbatch, model_cfg, beta, label_smoothing)
 
-    grads, sums = accumulate_gradients(
-        loss_sums,
-        state["params"],
-        batch,
-        num_microbatches,
-    )
+    grads, sums = accumulate_gradients(loss_sums, state["params"], batch, num_microbatches)
+    new_state, norms = apply_gradients(state, grads, sums["pairs"], optimizer)
     pairs = jnp.maximum(sums["pairs"], 1.0)
-    grads = jax.tree.map(lambda g: g / pairs, grads)
-    new_state, norms = apply_gradients(state, grads, optimizer)
     metrics = {name: value / pairs for name, value in sums.items() if name not in ("pairs", "tokens")}
     metrics["loss"] = metrics.pop("dpo_loss")
     metrics["tokens"] = sums["tokens"]

@@ -12,7 +12,6 @@ do not depend on the number of processes.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import ml_collections
@@ -21,9 +20,9 @@ import numpy as np
 from plamo_jax.data.errors import DataError
 from plamo_jax.data.lru import LruCache
 from plamo_jax.data.packing import row_arrays
-from plamo_jax.data.pipeline import PackingStats, TrainIterator, parse_sources, validate_data_config
-from plamo_jax.data.sources import JSONL_SUFFIXES, ReadReport, list_input_files
-from plamo_jax.data.tokenizer import Tokenizer, tokenizer_from_config
+from plamo_jax.data.pipeline import TrainIterator, parse_sources
+from plamo_jax.data.sources import JSONL_SUFFIXES, ReadReport, iter_json_records, list_input_files
+from plamo_jax.data.tokenizer import Tokenizer
 from plamo_jax.posttrain.sft import (
     ChatTemplate,
     builtin_turns,
@@ -99,13 +98,8 @@ class PreferencePairs:
         template = chat_template(data_config.chat_template, tokenizer)
         add_bos = bool(data_config.add_bos)
         self.sequences: list[list[tuple[np.ndarray, np.ndarray]]] = []
-        for where, record in self._records(source, data_config.on_bad_input):
-            pair = render_pair(
-                *split_pair(record),
-                tokenizer,
-                template,
-                add_bos,
-            )
+        for where, messages in self._split_pairs(source, data_config.on_bad_input):
+            pair = render_pair(*messages, tokenizer, template, add_bos)
             longest = max(len(tokens) for tokens, _ in pair)
             if longest > seq_len + 1:
                 self.report.bad(
@@ -114,39 +108,31 @@ class PreferencePairs:
                 )
                 continue
             self.report.documents += 1
+            self.report.text_bytes += sum(len(m["content"].encode()) for part in messages for m in part)
             self.sequences.append(pair)
         if not self.sequences:
             raise DataError(f"data.source={source!r} yielded no preference pairs: {self.report.summary()}")
 
-    def _records(self, source: str, on_bad_input: str):
+    def _split_pairs(self, source: str, on_bad_input: str):
+        """(where, (prompt, chosen, rejected)) for every usable record; the others are reported."""
         if source == BUILTIN_PREFERENCE:
             for index, pair in enumerate(builtin_preference_pairs()):
-                yield f"{BUILTIN_PREFERENCE}:{index}", pair
+                yield f"{BUILTIN_PREFERENCE}:{index}", split_pair(pair)
             return
         files = list_input_files(source, self.report, on_bad_input)
         wrong = [str(f) for f in files if f.suffix not in JSONL_SUFFIXES]
         if wrong:
             raise DataError(f"data.source={source!r}: data.format='preference' reads JSONL; got {wrong[:3]}")
         for path in files:
-            yield from self._read_jsonl(path, on_bad_input)
+            yield from self._split_jsonl(path, on_bad_input)
 
-    def _read_jsonl(self, path: Path, on_bad_input: str):
-        with open(path, "rb") as f:
-            for line_number, raw_line in enumerate(f, start=1):
-                if not raw_line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    record = json.loads(raw_line.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                    self.report.bad("bad_json", where, str(error), on_bad_input)
-                    continue
-                split = split_pair(record)
-                if isinstance(split, str):
-                    self.report.bad("bad_pair", where, split, on_bad_input)
-                    continue
-                self.report.text_bytes += len(raw_line)
-                yield where, record
+    def _split_jsonl(self, path: Path, on_bad_input: str):
+        for where, record in iter_json_records(path, self.report, on_bad_input):
+            split = split_pair(record)
+            if isinstance(split, str):
+                self.report.bad("bad_pair", where, split, on_bad_input)
+                continue
+            yield where, split
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -199,49 +185,23 @@ class PairRows:
 class PreferenceIterator(TrainIterator):
     """The pre-training iterator's batching, sharding and resume over preference pairs."""
 
-    def __init__(
-        self,
-        data_config: ml_collections.ConfigDict,
-        *,
-        seq_len: int,
-        global_batch_size: int,
-        seed: int,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
-        validate_data_config(data_config)
-        specs = parse_sources(data_config.source)
+    corpus_count = 1
+
+    def _load_rows(self) -> PairRows:
+        specs = parse_sources(self.data_config.source)
         if len(specs) != 1:
             raise DataError(
-                f"data.source={data_config.source!r}: data.format='preference' takes one JSONL file or "
+                f"data.source={self.data_config.source!r}: data.format='preference' takes one JSONL file or "
                 "directory (merge preference sets into one directory)"
             )
-        if global_batch_size % process_count or not 0 <= process_index < process_count:
-            raise DataError(
-                f"train.global_batch_size={global_batch_size} must be a multiple of the process count "
-                f"{process_count}"
-            )
-        self.data_config = data_config
-        self.seq_len = seq_len
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // process_count
-        self.seed = seed
-        self.process_index = process_index
-        self.process_count = process_count
-        self.tokenizer = tokenizer_from_config(data_config)
-        self.pairs = PreferencePairs(specs[0].path, self.tokenizer, data_config, seq_len)
-        self.rows = PairRows(
+        self.pairs = PreferencePairs(specs[0].path, self.tokenizer, self.data_config, self.seq_len)
+        return PairRows(
             self.pairs,
-            seq_len=seq_len,
-            seed=seed,
-            shuffle=bool(data_config.shuffle),
+            seq_len=self.seq_len,
+            seed=self.seed,
+            shuffle=bool(self.data_config.shuffle),
             pad_id=self.tokenizer.pad_id,
         )
-        self.fingerprint = self._fingerprint()
-        self.step = 0
-        self.rows_consumed = 0
-        self.packing_stats = PackingStats(rows_per_corpus=[0])
-        self._iterator = None
 
     def _fingerprint(self) -> str:
         parts = (self.tokenizer.fingerprint(), self.pairs.fingerprint(), str(bool(self.data_config.shuffle)))
@@ -276,10 +236,6 @@ class PreferenceIterator(TrainIterator):
                 }
             ],
         }
-
-    def global_batch(self, rows_consumed: int) -> dict[str, np.ndarray]:
-        rows = [self.rows[rows_consumed + k] for k in range(self.global_batch_size)]
-        return {key: np.stack([row[key] for row in rows]) for key in BATCH_KEYS}
 
 
 def builtin_preference_pairs(count: int = 2000, seed: int = 1) -> list[dict]:

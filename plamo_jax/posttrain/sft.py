@@ -13,7 +13,6 @@ tokens stay whole and the mask boundaries are exact.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from plamo_jax.data.documents import TokenDocuments, documents_from_token_lists
 from plamo_jax.data.errors import DataError
-from plamo_jax.data.sources import JSONL_SUFFIXES, ReadReport, list_input_files
+from plamo_jax.data.sources import JSONL_SUFFIXES, ReadReport, iter_json_records, list_input_files
 from plamo_jax.data.tokenizer import Tokenizer, encode_to_array
 from plamo_jax.posttrain.jinja_template import JinjaChatTemplate, render_with_template
 
@@ -95,6 +94,17 @@ def render_conversation(
     return np.concatenate(pieces), np.concatenate(masks)
 
 
+def generation_prompt(
+    messages: list[dict], tokenizer: Tokenizer, template: ChatTemplate | JinjaChatTemplate, add_bos: bool
+) -> np.ndarray:
+    """Tokens of `messages` followed by the opening of an assistant turn: what a model continues."""
+    if isinstance(template, JinjaChatTemplate):
+        return encode_to_array(tokenizer, template.render(messages, add_generation_prompt=True))
+    tokens, _ = render_conversation(messages, tokenizer, template, add_bos)
+    opening = encode_to_array(tokenizer, template.role_header.format(role="assistant"))
+    return np.concatenate([tokens[:-1], opening]).astype(np.int32)  # without the closing EOS
+
+
 def check_messages(record: object, messages_field: str) -> str | None:
     """Why a record is not a usable conversation, or None if it is."""
     if not isinstance(record, dict) or messages_field not in record:
@@ -122,23 +132,14 @@ def check_message_list(messages: object, name: str) -> str | None:
 def read_conversations(
     path: Path, messages_field: str, report: ReadReport, on_bad_input: str
 ) -> Iterator[list[dict]]:
-    with open(path, "rb") as f:
-        for line_number, raw_line in enumerate(f, start=1):
-            if not raw_line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(raw_line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                report.bad("bad_json", where, str(error), on_bad_input)
-                continue
-            problem = check_messages(record, messages_field)
-            if problem is not None:
-                report.bad("bad_conversation", where, problem, on_bad_input)
-                continue
-            report.documents += 1
-            report.text_bytes += sum(len(m["content"].encode("utf-8")) for m in record[messages_field])
-            yield record[messages_field]
+    for where, record in iter_json_records(path, report, on_bad_input):
+        problem = check_messages(record, messages_field)
+        if problem is not None:
+            report.bad("bad_conversation", where, problem, on_bad_input)
+            continue
+        report.documents += 1
+        report.text_bytes += sum(len(m["content"].encode("utf-8")) for m in record[messages_field])
+        yield record[messages_field]
 
 
 def chat_documents(

@@ -79,8 +79,12 @@ def accumulate_gradients(loss_sums_fn, params: Any, batch: Batch, num_microbatch
     return grads, sums
 
 
-def apply_gradients(state: dict, grads: Any, optimizer: optax.GradientTransformation) -> tuple[dict, dict]:
-    """(new state, norms) after one optimizer update with already-normalised gradients."""
+def apply_gradients(
+    state: dict, grad_sums: Any, count: jax.Array, optimizer: optax.GradientTransformation
+) -> tuple[dict, dict]:
+    """(new state, norms) after one optimizer update with the gradient sums divided by `count`."""
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grad_sums)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     norms = {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
@@ -104,9 +108,7 @@ def train_step(
         batch,
         num_microbatches,
     )
-    tokens = jnp.maximum(sums["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / tokens, grads)
-    new_state, norms = apply_gradients(state, grads, optimizer)
+    new_state, norms = apply_gradients(state, grads, sums["tokens"], optimizer)
     return new_state, summarize(sums) | norms
 
 

@@ -8,6 +8,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -163,13 +164,11 @@ def make_checkpointer(config: ml_collections.ConfigDict) -> Checkpointer | None:
     )
 
 
-def make_step_fn(config: ml_collections.ConfigDict, setup: state_lib.ModelSetup, optimizer):
-    """(state, global batch) -> (state, metrics) for train.objective."""
+def make_step_fn(config: ml_collections.ConfigDict, setup: state_lib.ModelSetup, optimizer, reference):
+    """(state, global batch) -> (state, metrics) for train.objective (DPO: against `reference`)."""
     if config.train.objective == "dpo":
         from plamo_jax.posttrain.dpo import jit_dpo_step
 
-        reference, _ = load_params(config.checkpoint.init_params, shardings=setup.param_shardings)
-        log.info("DPO reference: the frozen parameters of %s", config.checkpoint.init_params)
         dpo_step = jit_dpo_step(config, setup, optimizer)
         return lambda state, batch: dpo_step(state, batch, reference)
     return state_lib.jit_train_step(config, setup, optimizer)
@@ -201,6 +200,11 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
         log_data_summary(data)
     checkpointer = make_checkpointer(config)
 
+    reference = None  # DPO: the frozen starting parameters, read once (a fresh run copies them)
+    if t.objective == "dpo":
+        check_init_params_config(config)
+        reference, _ = load_params(config.checkpoint.init_params, shardings=setup.param_shardings)
+        log.info("DPO reference: the frozen parameters of %s", config.checkpoint.init_params)
     state = None
     if checkpointer is not None:
         restored = checkpointer.restore_latest(state_lib.abstract_state(setup, optimizer))
@@ -209,8 +213,11 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
             data.set_state(data_state)
     if state is None and config.checkpoint.init_params:
         # Continual pre-training: parameters from a converted or upcycled checkpoint, fresh optimizer.
-        check_init_params_config(config)
-        params, _ = load_params(config.checkpoint.init_params, shardings=setup.param_shardings)
+        if reference is None:
+            check_init_params_config(config)
+            params, _ = load_params(config.checkpoint.init_params, shardings=setup.param_shardings)
+        else:
+            params = jax.tree.map(jnp.copy, reference)  # the step donates the state; the reference stays
         state = state_lib.init_state(config.model, setup, optimizer, t.seed, params=params)
         log.info("initialised parameters from %s", config.checkpoint.init_params)
     if state is None:
@@ -226,7 +233,7 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
             f"rows, but each of the {jax.process_count()} processes reads {per_process}; expected the batch "
             "axes (data x fsdp x expert) to split the batch across processes"
         )
-    step_fn = make_step_fn(config, setup, optimizer)
+    step_fn = make_step_fn(config, setup, optimizer, reference)
 
     num_params = state_lib.parameter_count(setup.abstract_params)
     tokens_per_step = t.global_batch_size * t.seq_len
