@@ -40,7 +40,9 @@ def bench_tokenize(corpus: Path, output: Path, tokenizer: str, workers: int) -> 
 
 def bench_pipeline(source: str, tokenizer: str, seq_len: int, batch: int, steps: int, threads: int) -> None:
     # Imported here: spawned tokenizer workers re-import this script, and Grain takes seconds to import.
-    from plamo_jax.data.pipeline import make_train_iterator
+    from plamo_jax.train.objectives.lm import LANGUAGE_MODELING
+
+    make_train_iterator = LANGUAGE_MODELING.make_iterator
 
     config = data_defaults()
     config.source = source

@@ -10,36 +10,23 @@ emulated and slower, and the figures only show its overhead and numerics.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import numpy as np
 import optax
-from bench_train import build_step, synthetic_batch  # the sibling script (benchmarks/ is on sys.path)
+from bench_train import timed_steps  # the sibling script (benchmarks/ is on sys.path)
 
 from plamo_jax.configuration import load_recipe
-from plamo_jax.parallel.rules import sharding_context
-from plamo_jax.train import state as state_lib
+from plamo_jax.train.run import build_run
 
 
 def measure(config_path: str, fp8: bool, batch_size: int, seq_len: int, steps: int, dtype: str) -> dict:
     config = load_recipe(config_path)
     config.model.fp8, config.model.dtype = fp8, dtype
     config.train.global_batch_size, config.train.seq_len = batch_size, seq_len
-    mesh, rules, setup, optimizer, step = build_step(config)
-    batch = jax.device_put(
-        synthetic_batch(batch_size, seq_len, config.model.vocab_size), state_lib.batch_sharding(mesh, rules)
-    )
-    state = state_lib.init_state(config.model, setup, optimizer, seed=0)
-    initial_params = jax.device_get(state["params"])
-    with sharding_context(mesh, rules):
-        state, metrics = step(state, batch)  # warm-up, includes compilation
-        first = jax.device_get(metrics)
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - start) / steps
+    run = build_run(config)
+    initial_params = jax.device_get(run.fresh_state()["params"])  # the seeded start timed_steps uses
+    first, state, seconds = timed_steps(run, steps)
     # The first step's learning rate is 0 under warm-up: compare where all the steps took the parameters.
     update = jax.tree.map(lambda new, old: np.asarray(new, np.float64) - old, jax.device_get(state["params"]),
                           initial_params)

@@ -16,12 +16,10 @@ import time
 import jax
 import numpy as np
 
-from plamo_jax.configuration import load_recipe, mesh_rules
-from plamo_jax.parallel.mesh import make_mesh
+from plamo_jax.configuration import load_recipe
 from plamo_jax.parallel.rules import sharding_context
-from plamo_jax.train import flops as flops_lib
 from plamo_jax.train import state as state_lib
-from plamo_jax.train.optimizer import make_optimizer
+from plamo_jax.train.run import Run, build_run
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int) -> dict[str, np.ndarray]:
@@ -35,59 +33,54 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int) -> dict[str, np.ndarra
     }
 
 
-def build_step(config):
-    mesh = make_mesh(config.mesh)
-    rules = mesh_rules(config)
-    setup = state_lib.setup_model(config.model, mesh, rules)
-    optimizer = make_optimizer(config.optimizer, config.train.steps)
-    return mesh, rules, setup, optimizer, state_lib.jit_train_step(config, setup, optimizer)
-
-
-def counted_flops(config_path: str, batch_size: int, seq_len: int, batch) -> float:
+def counted_flops(config_path: str, batch_size: int, seq_len: int) -> float:
     """XLA's FLOP count of the compiled step, with layers unrolled (XLA counts a loop body once)."""
     config = load_recipe(config_path)
     config.train.global_batch_size, config.train.seq_len = batch_size, seq_len
     config.model.scan_unroll = config.model.num_layers
-    mesh, rules, setup, optimizer, step = build_step(config)
-    with sharding_context(mesh, rules):
-        cost = step.lower(state_lib.abstract_state(setup, optimizer), batch).compile().cost_analysis()
+    run = build_run(config)
+    with sharding_context(run.mesh, run.rules):
+        cost = run.step.lower(run.abstract_state(), run.abstract_batch(), None).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", 0.0))
 
 
-def compile_seconds(config, num_layers: int, batch) -> float:
+def compile_seconds(config, num_layers: int) -> float:
     config.model.num_layers = num_layers
-    mesh, rules, setup, optimizer, step = build_step(config)
-    abstract = state_lib.abstract_state(setup, optimizer)
-    with sharding_context(mesh, rules):
+    run = build_run(config)
+    with sharding_context(run.mesh, run.rules):
         start = time.perf_counter()
-        step.lower(abstract, batch).compile()
+        run.step.lower(run.abstract_state(), run.abstract_batch(), None).compile()
     return time.perf_counter() - start
+
+
+def timed_steps(run: Run, steps: int) -> tuple[dict, dict, float]:
+    """(first metrics, final state, mean seconds per step after one warm-up step) on a synthetic batch."""
+    t = run.config.train
+    batch = jax.device_put(synthetic_batch(t.global_batch_size, t.seq_len, run.config.model.vocab_size),
+                           run.batch_sharding)
+    state = run.fresh_state()
+    with sharding_context(run.mesh, run.rules):
+        state, metrics = run.step(state, batch, None)  # warm-up (includes compilation)
+        first = jax.device_get(metrics)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = run.step(state, batch, None)
+        jax.block_until_ready(metrics)
+    return first, state, (time.perf_counter() - start) / steps
 
 
 def measure_training(config_path: str, batch_size: int, seq_len: int, steps: int) -> dict:
     """Mean step time of the jitted train step after one warm-up step, on a synthetic batch."""
     config = load_recipe(config_path)
     config.train.global_batch_size, config.train.seq_len = batch_size, seq_len
-    mesh, rules, setup, optimizer, step = build_step(config)
-    batch = jax.device_put(
-        synthetic_batch(batch_size, seq_len, config.model.vocab_size), state_lib.batch_sharding(mesh, rules)
-    )
-    state = state_lib.init_state(config.model, setup, optimizer, seed=0)
-    with sharding_context(mesh, rules):
-        state, metrics = step(state, batch)  # warm-up (includes compilation)
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        step_seconds = (time.perf_counter() - start) / steps
+    run = build_run(config)
+    _, _, step_seconds = timed_steps(run, steps)
     return {
-        "config": config,
-        "batch": batch,
+        "run": run,
         "step_seconds": step_seconds,
         "tokens_per_second": batch_size * seq_len / step_seconds,
-        "parameters": state_lib.parameter_count(setup.abstract_params),
+        "parameters": state_lib.parameter_count(run.setup.abstract_params),
     }
 
 
@@ -102,12 +95,11 @@ def main() -> None:
     args = parser.parse_args()
 
     measured = measure_training(args.config, args.batch, args.seq_len, args.steps)
-    config, batch, step_seconds = measured["config"], measured["batch"], measured["step_seconds"]
-    params = measured["parameters"]
+    run, step_seconds, params = measured["run"], measured["step_seconds"], measured["parameters"]
 
-    xla_flops = counted_flops(args.config, args.batch, args.seq_len, batch)
+    xla_flops = counted_flops(args.config, args.batch, args.seq_len)
     tokens = args.batch * args.seq_len
-    formula = flops_lib.train_flops_per_token(config.model, args.seq_len) * tokens
+    formula = run.flops_per_token * run.tokens_per_step
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(
         f"config {args.config}: {params / 1e6:.1f}M parameters, batch {args.batch} x {args.seq_len} tokens, "
@@ -126,8 +118,8 @@ def main() -> None:
 
     small = load_recipe(args.config)
     small.train.global_batch_size, small.train.seq_len = args.batch, args.seq_len
-    shallow = compile_seconds(small, 4, batch)
-    deep = compile_seconds(small, 32, batch)
+    shallow = compile_seconds(small, 4)
+    deep = compile_seconds(small, 32)
     print(f"compile time  4 layers {shallow:8.2f} s")
     print(
         f"compile time 32 layers {deep:8.2f} s   ratio {deep / shallow:.2f} "

@@ -21,7 +21,6 @@ def get_config():
     model.num_heads = 24
     model.num_kv_heads = 24
     model.head_dim = 128
-    model.mlp_dim = 8192
     model.expert_mlp_dim = 8192  # every expert starts as a copy of the dense FFN
     model.num_experts = 8
     model.num_experts_per_token = 2

@@ -18,7 +18,6 @@ def get_config():
     model.num_experts = 8
     model.num_experts_per_token = 2
     model.expert_mlp_dim = 14336
-    model.mlp_dim = 14336
     model.router_softmax_before_topk = True
     model.router_renormalize = True
     model.tie_embeddings = False

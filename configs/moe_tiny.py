@@ -16,7 +16,6 @@ def get_config():
     model.num_experts = 8
     model.num_experts_per_token = 2
     model.expert_mlp_dim = 96  # top-2 of 96 = the active width of a 192-wide dense MLP
-    model.mlp_dim = 192  # unused by MoE layers; kept equal to the active width for dense comparisons
     model.moe_aux_loss = 0.01
     model.router_z_loss = 0.001
     config.train.output_dir = "runs/moe_tiny"

@@ -5,6 +5,7 @@
 Running the same command again resumes from the newest complete checkpoint in train.output_dir.
 Several processes (hosts): set PLAMO_COORDINATOR / PLAMO_NUM_PROCESSES / PLAMO_PROCESS_ID, or
 PLAMO_DISTRIBUTED=auto on SLURM and TPU VMs (see launch/local_multiprocess.py).
+A config, data, mesh or checkpoint problem is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from plamo_jax.configuration import ConfigError
-from plamo_jax.data.errors import DataError
+from plamo_jax import cli
+from plamo_jax.errors import PlamoError
 from plamo_jax.parallel.mesh import maybe_initialize_distributed
-from plamo_jax.parallel.rules import ShardingError
+from plamo_jax.train.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/tiny.py", "Recipe file (get_config()).", lock_config=True
@@ -32,14 +33,11 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain log every save and read at INFO
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("plamo_jax").setLevel(logging.INFO)  # absl lowered the root logger to WARNING
-    maybe_initialize_distributed()
-    from plamo_jax.train.trainer import train  # after jax.distributed starts
-
     try:
+        maybe_initialize_distributed()
         result = train(_CONFIG.value)
-    except (ConfigError, DataError, ShardingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except PlamoError as error:
+        cli.fail(error)
     print(
         f"finished at step {result.final_step}: "
         + ", ".join(
@@ -54,14 +52,21 @@ def main(argv):
 def parse_flags(argv: list[str]) -> list[str]:
     """absl parsing, but a bad override (unknown key, wrong type) is one line naming it, not a traceback."""
     try:
+        cli.check_recipe_flag(argv)
         return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-        message = str(error).strip("'\"").replace("\\'", "'").replace("\\n", "; ").replace("\n", "; ")
-        overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
-        named = [key for key in overrides if key.rsplit(".", 1)[-1] in message or key in message]
-        print(f"error: bad config override {named[0] if named else ''}: {message}", file=sys.stderr)
-        sys.exit(2)
+    except PlamoError as error:
+        cli.fail(error)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
+        cli.fail(config_override_error(error, argv))
+
+
+def config_override_error(error: Exception, argv: list[str]) -> str:
+    """'bad config override --config.x.y: <why>' naming the override that absl refused."""
+    message = str(error).strip("'\"").replace("\\'", "'")
+    overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config")]
+    named = [key for key in overrides if key.rsplit(".", 1)[-1] in message or key in message]
+    return f"bad config override {named[0] if named else ' '.join(overrides)}: {message}"
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    sys.exit(app.run(main, flags_parser=parse_flags))

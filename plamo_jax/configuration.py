@@ -12,30 +12,25 @@ from pathlib import Path
 import ml_collections
 
 from plamo_jax.data.config import data_defaults
+from plamo_jax.errors import ConfigError
+from plamo_jax.models import registry
 from plamo_jax.models.decoder import REMAT_POLICIES
-from plamo_jax.models.registry import FAMILIES
-from plamo_jax.parallel.mesh import MeshConfigError, resolve_axis_sizes
+from plamo_jax.parallel.mesh import resolve_axis_sizes
 from plamo_jax.parallel.rules import DEFAULT_RULES, merge_rules
 from plamo_jax.train.optimizer import SCHEDULES, WSD_DECAY_SHAPES
 
-OBJECTIVES = ("lm", "dpo")
 ATTENTION_IMPLS = ("dense", "flash")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names key, value and expectation."""
-
 
 def _model_defaults() -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
-    m.family = "dense"  # dense | hybrid | moe
+    m.family = "dense"  # dense | hybrid | moe (models/registry.py; each family reads only its own keys)
     m.vocab_size = 512
     m.d_model = 128
     m.num_layers = 2
     m.num_heads = 4
     m.num_kv_heads = 2
     m.head_dim = 32
-    m.mlp_dim = 384
+    m.mlp_dim = 384  # dense and hybrid MLP width (MoE experts have expert_mlp_dim)
     m.qk_norm = False  # per-head RMSNorm on q and k before RoPE (PLaMo-100B, Qwen3)
     m.tie_embeddings = True
     m.rope_theta = 10000.0
@@ -119,7 +114,7 @@ def _train_defaults() -> ml_collections.ConfigDict:
     t.microbatches = 1  # gradient accumulation steps inside one jitted step
     t.z_loss = 1e-4  # PaLM z-loss coefficient: z * log(Z)^2
     # lm: next-token loss (pre-training, SFT). dpo: Direct Preference Optimization against the
-    # frozen checkpoint.init_params, on data.format=preference pairs (plamo_jax/posttrain/dpo.py).
+    # frozen checkpoint.init_params, on data.format=preference pairs (plamo_jax/train/objectives/).
     t.objective = "lm"
     t.dpo_beta = 0.1  # DPO: strength of the implicit KL constraint to the reference model
     t.dpo_label_smoothing = 0.0  # DPO: assumed fraction of flipped preference labels (cDPO)
@@ -190,43 +185,29 @@ def _require(condition: bool, key: str, value, expected: str) -> None:
         raise ConfigError(f"config key {key}={value!r}: expected {expected}")
 
 
+def mesh_sizes(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Devices along each mesh axis (ICI x DCN) for `num_devices`; ConfigError when they cannot work."""
+    ici, dcn = resolve_axis_sizes(config.mesh, num_devices)
+    return {axis: ici[axis] * dcn[axis] for axis in ici}
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Fail at start, naming the key, its value and what was expected, for configs that cannot work."""
-    m, t, mesh = config.model, config.train, config.mesh
-    try:
-        ici, dcn = resolve_axis_sizes(mesh, num_devices)
-    except MeshConfigError as error:
-        raise ConfigError(str(error)) from None
-    size = {axis: ici[axis] * dcn[axis] for axis in ici}
-    _require(m.family in FAMILIES, "model.family", m.family, f"one of {sorted(FAMILIES)}")
+    """Fail at start, naming the key, its value and what was expected, for configs that cannot work.
+
+    The model keys are checked by the family's spec; the objective's and data keys by
+    `plamo_jax.train.run.validate`, which calls this first.
+    """
+    m, t = config.model, config.train
+    size = mesh_sizes(config, num_devices)
+    registry.validate_model(m, size)
     _require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {sorted(REMAT_POLICIES)}")
     _require(
         m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", m.dtype, "float32, bfloat16 or float16"
     )
-    for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
-        _require(m[key] > 0, f"model.{key}", m[key], "a positive integer")
-    _require(m.scan_unroll >= 1, "model.scan_unroll", m.scan_unroll, "an integer >= 1")
-    _require(
-        m.num_heads % m.num_kv_heads == 0,
-        "model.num_heads",
-        m.num_heads,
-        f"a multiple of model.num_kv_heads={m.num_kv_heads}",
-    )
-    _require(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "an even number (rotary embeddings)")
-    tensor = size["tensor"]
-    for key in ("num_heads", "num_kv_heads", "vocab_size", "mlp_dim"):
-        _require(
-            m[key] % tensor == 0,
-            f"model.{key}",
-            m[key],
-            f"divisible by the tensor-parallel mesh size mesh.tensor={tensor}",
-        )
-    _require(
-        m.d_model % size["fsdp"] == 0,
-        "model.d_model",
-        m.d_model,
-        f"divisible by the FSDP mesh size {size['fsdp']}",
-    )
+    _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
+             f"one of {ATTENTION_IMPLS}")
+    _require(m.attention_block > 0, "model.attention_block", m.attention_block, "a positive block length")
+    _require(t.microbatches >= 1, "train.microbatches", t.microbatches, "an integer >= 1")
     _require(
         t.global_batch_size % t.microbatches == 0,
         "train.global_batch_size",
@@ -236,11 +217,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     batch_shards = size["data"] * size["fsdp"] * size["expert"]
     microbatch = t.global_batch_size // t.microbatches
     _require(
-        microbatch % batch_shards == 0,
+        microbatch > 0 and microbatch % batch_shards == 0,
         "train.global_batch_size",
         t.global_batch_size,
         f"a microbatch ({microbatch} sequences) divisible by data x fsdp x expert = {batch_shards}",
     )
+    _require(t.seq_len > 0, "train.seq_len", t.seq_len, "a positive length")
     _require(
         t.seq_len % size["sequence"] == 0,
         "train.seq_len",
@@ -248,32 +230,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"divisible by the sequence-parallel mesh size {size['sequence']}",
     )
     _require(t.steps > 0, "train.steps", t.steps, "a positive number of steps")
-    _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
-             f"one of {ATTENTION_IMPLS}")
-    _require(m.attention_block > 0, "model.attention_block", m.attention_block, "a positive block length")
-    _require(t.objective in OBJECTIVES, "train.objective", t.objective, f"one of {OBJECTIVES}")
-    if t.objective == "dpo":
-        _require(
-            config.data.format == "preference",
-            "data.format",
-            config.data.format,
-            "'preference' (chosen/rejected pairs) with train.objective='dpo'",
-        )
-        _require(
-            bool(config.checkpoint.init_params),
-            "checkpoint.init_params",
-            config.checkpoint.init_params,
-            "the checkpoint DPO starts from and keeps as its frozen reference",
-        )
-        _require(t.dpo_beta > 0, "train.dpo_beta", t.dpo_beta, "a number > 0")
-        _require(
-            0 <= t.dpo_label_smoothing < 0.5,
-            "train.dpo_label_smoothing",
-            t.dpo_label_smoothing,
-            "in [0, 0.5)",
-        )
-    elif config.data.format == "preference":
-        _require(False, "train.objective", t.objective, "'dpo' for data.format='preference'")
+    _require(t.log_every > 0, "train.log_every", t.log_every, "a positive number of steps")
+    _require(bool(t.output_dir), "train.output_dir", t.output_dir, "a directory for checkpoints and metrics")
+    c = config.checkpoint
+    _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "at least 1")
+    for key in ("every_steps", "every_minutes", "keep_every"):
+        _require(c[key] >= 0, f"checkpoint.{key}", c[key], ">= 0 (0 = off)")
     _require(
         config.optimizer.schedule in SCHEDULES,
         "optimizer.schedule",

@@ -9,7 +9,9 @@ from jax.sharding import Mesh
 from plamo_jax.configuration import default_config, mesh_rules
 from plamo_jax.parallel.rules import MESH_AXES, sharding_context
 from plamo_jax.train import state as state_lib
-from plamo_jax.train.step import model_loss_sums
+from plamo_jax.train.objectives.lm import LANGUAGE_MODELING, lm_loss_sums
+
+make_train_iterator = LANGUAGE_MODELING.make_iterator  # text and chat corpora, as training reads them
 
 
 def small_config(**model_overrides):
@@ -49,7 +51,7 @@ def loss_and_grads(config, mesh, host_params, host_batch):
     batch = jax.device_put(host_batch, state_lib.batch_sharding(mesh, rules))
 
     def loss(params, batch):
-        objective, sums = model_loss_sums(setup.graphdef, params, batch, config.model, 0.0)
+        objective, sums = lm_loss_sums(setup.graphdef, params, batch, config.model, 0.0)
         return objective / sums["tokens"]
 
     with sharding_context(mesh, rules):

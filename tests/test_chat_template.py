@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from plamo_jax.data.errors import DataError
 from plamo_jax.data.sources import read_builtin_documents
 from plamo_jax.data.tokenizer import load_tokenizer
+from plamo_jax.errors import DataError
 from plamo_jax.posttrain.sft import CHAT_TEMPLATES, chat_template, render_conversation
 
 # ChatML with transformers' {% generation %} markers around what the assistant writes.

@@ -20,7 +20,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from plamo_jax.configuration import default_config  # noqa: E402
-from plamo_jax.convert import hf  # noqa: E402
+from plamo_jax.convert import hf, safetensors_io  # noqa: E402
+from plamo_jax.errors import ConfigError, ConversionError  # noqa: E402
 from plamo_jax.train import checkpoint as ckpt  # noqa: E402
 from plamo_jax.train import state as state_lib  # noqa: E402
 
@@ -103,7 +104,7 @@ def greedy_torch(model, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
 
 
 def read_all(hf_dir: Path) -> dict[str, np.ndarray]:
-    reader = hf.SafetensorsReader(hf_dir)
+    reader = safetensors_io.SafetensorsReader(hf_dir)
     return {name: reader.read(name) for name in reader.names()}
 
 
@@ -182,7 +183,8 @@ def test_export_runs_in_transformers(tmp_path, qk_norm, tie):
     hf.checkpoint_to_hf(checkpoint, tmp_path / "out", dtype="fp32", tokenizer=tokenizer_dir,
                         max_shard_bytes=64 * 1024)
     out = tmp_path / "out"
-    assert (out / hf.SAFETENSORS_INDEX).is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    assert (out / safetensors_io.SAFETENSORS_INDEX).is_file()
+    assert len(list(out.glob("model-*.safetensors"))) > 1
     assert (out / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
     written = json.loads((out / "config.json").read_text())
     assert written["vocab_size"] == 128 and written["architectures"] == [
@@ -219,7 +221,7 @@ def make_word_tokenizer(out_dir: Path, num_tokens: int) -> None:
 def test_tokenizer_larger_than_vocabulary_is_refused(tmp_path):
     checkpoint = random_checkpoint(tmp_path, qk_norm=False, tie=True, vocab_size=64)
     make_word_tokenizer(tmp_path / "tok", num_tokens=100)
-    with pytest.raises(hf.ConversionError, match="100 tokens but model.vocab_size=64"):
+    with pytest.raises(ConversionError, match="100 tokens but model.vocab_size=64"):
         hf.checkpoint_to_hf(checkpoint, tmp_path / "out", tokenizer=tmp_path / "tok")
     assert not list(tmp_path.glob("out/*"))  # refused before anything was written
 
@@ -245,7 +247,7 @@ def edited_config_dir(tmp_path: Path, source: Path, **changes) -> Path:
 ])
 def test_unmappable_configs_are_named(imported, tmp_path, changes, message):
     _, _, root, _ = imported
-    with pytest.raises(hf.ConversionError, match=message):
+    with pytest.raises(ConversionError, match=message):
         hf.hf_to_checkpoint(edited_config_dir(tmp_path, root / "hf", **changes), tmp_path / "ckpt",
                             default_config())
     assert not (tmp_path / "ckpt").exists()
@@ -272,7 +274,7 @@ def test_cli_rejects_unknown_mesh_override(tmp_path):
     spec = importlib.util.spec_from_file_location("cli", REPO / "tools" / "convert_checkpoint.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    with pytest.raises(SystemExit, match="--mesh.bogus=2"):
+    with pytest.raises(ConfigError, match="--mesh.bogus=2"):
         tool.main(["from-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "ckpt"), "--mesh.bogus=2"])
 
 

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_train_iterator
 
+from plamo_jax.data.batch import FIELDS as BATCH_KEYS
 from plamo_jax.data.config import data_defaults
-from plamo_jax.data.errors import DataError
-from plamo_jax.data.pipeline import BATCH_KEYS, make_train_iterator, parse_sources
+from plamo_jax.data.pipeline import parse_sources
 from plamo_jax.data.sources import read_builtin_documents
+from plamo_jax.errors import DataError
 
 BOS, EOS, PAD, BYTE_OFFSET = 1, 2, 0, 3
 

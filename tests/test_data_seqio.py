@@ -7,10 +7,11 @@ import json
 
 import numpy as np
 import pytest
+from helpers import make_train_iterator
 
 from plamo_jax.data.config import data_defaults
-from plamo_jax.data.errors import DataError
 from plamo_jax.data.seqio_source import SEQIO_EXTRA, parse_seqio_spec
+from plamo_jax.errors import DataError
 
 SEQIO_INSTALLED = importlib.util.find_spec("seqio") is not None
 
@@ -24,8 +25,6 @@ def test_spec_parsing():
 
 @pytest.mark.skipif(SEQIO_INSTALLED, reason="checks the message shown when the extra is missing")
 def test_missing_seqio_names_the_extra():
-    from plamo_jax.data.pipeline import make_train_iterator
-
     config = data_defaults()
     config.source = "seqio:some_task"
     with pytest.raises(ImportError, match=rf"pip install 'plamo_jax\[{SEQIO_EXTRA}\]'"):
@@ -56,8 +55,6 @@ def register_task(name: str, vocabulary, feature: str) -> None:
 
 
 def batches(source: str, tokenizer: str, steps: int = 3):
-    from plamo_jax.data.pipeline import make_train_iterator
-
     config = data_defaults()
     config.source, config.tokenizer, config.shuffle = source, tokenizer, False
     iterator = make_train_iterator(config, seq_len=16, global_batch_size=2, seed=0)

@@ -7,11 +7,11 @@ import json
 import pyarrow
 import pyarrow.parquet
 import pytest
+from helpers import make_train_iterator
 
 from plamo_jax.data.config import data_defaults
-from plamo_jax.data.errors import DataError
-from plamo_jax.data.pipeline import make_train_iterator
 from plamo_jax.data.sources import ReadReport, iter_documents
+from plamo_jax.errors import DataError
 
 GOOD = ["最初の文書です。", "second document", "三番目\n複数行"]
 

@@ -9,15 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_train_iterator
 
+from plamo_jax import cli
 from plamo_jax.data import shards, tokenize_job
+from plamo_jax.data.batch import FIELDS as BATCH_KEYS
 from plamo_jax.data.config import data_defaults
-from plamo_jax.data.errors import DataError
-from plamo_jax.data.pipeline import BATCH_KEYS, make_train_iterator
 from plamo_jax.data.sources import read_builtin_documents
 from plamo_jax.data.tokenize_job import TokenizeSettings, tokenize_corpus
 from plamo_jax.data.tokenizer import SentencePieceTokenizer
 from plamo_jax.data.tokenizer_training import TokenizerTrainingSettings, train_sentencepiece
+from plamo_jax.errors import DataError
 
 
 def load_tool(name: str):
@@ -176,7 +178,7 @@ def test_cli_reports_skips_and_errors(tmp_path, capsys):
     assert "1 documents" in out and "bad_json=1" in out and "empty_document=1" in out
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["read_report"]["skipped"] == {"bad_json": 1, "empty_document": 1}
-    code = tokenize_cli.main(
+    code = cli.call(tokenize_cli.main,
         [
             str(source),
             "--output",
@@ -188,10 +190,11 @@ def test_cli_reports_skips_and_errors(tmp_path, capsys):
             "fail",
         ]
     )
-    assert code == 1 and "in.jsonl:2: bad_json" in capsys.readouterr().err
+    assert code == 2 and "in.jsonl:2: bad_json" in capsys.readouterr().err
     assert (
-        tokenize_cli.main([str(tmp_path / "absent.jsonl"), "--output", str(tmp_path / "o3"), "--no_progress"])
-        == 1
+        cli.call(tokenize_cli.main, [str(tmp_path / "absent.jsonl"), "--output", str(tmp_path / "o3"),
+                                     "--no_progress"])
+        == 2
     )
     assert "missing_file" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o3" / "manifest.json")

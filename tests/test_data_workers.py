@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import make_train_iterator
 
+from plamo_jax.data.batch import FIELDS as BATCH_KEYS
 from plamo_jax.data.config import data_defaults
-from plamo_jax.data.pipeline import BATCH_KEYS, make_train_iterator
 
 
 @pytest.mark.parametrize(("worker_count", "num_threads"), [(0, 1), (0, 4), (2, 2)])

@@ -8,11 +8,13 @@ from flax import nnx
 from helpers import mesh_of, random_batch, small_config
 
 from plamo_jax.configuration import mesh_rules
+from plamo_jax.estimate.memory import nbytes, residual_avals
 from plamo_jax.models.attention import attention_mask, dot_product_attention
 from plamo_jax.models.decoder import Decoder
 from plamo_jax.models.layers import apply_rope
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.losses import cross_entropy_sums
+from plamo_jax.train.objectives.lm import LanguageModeling, lm_loss_sums
 from plamo_jax.train.optimizer import make_optimizer
 from plamo_jax.train.step import make_train_step
 
@@ -103,6 +105,17 @@ def test_cross_entropy_and_z_loss_closed_form():
     assert float(masked["tokens"]) == 1.0
 
 
+class RowRecordingLM(LanguageModeling):
+    """The LM objective, recording the rows each loss evaluation receives (a host callback at run time)."""
+
+    def __init__(self):
+        self.seen: list[np.ndarray] = []
+
+    def loss_sums(self, graphdef, params, frozen, batch, config):
+        jax.debug.callback(lambda ids: self.seen.append(np.asarray(ids)), batch["input_ids"])
+        return super().loss_sums(graphdef, params, frozen, batch, config)
+
+
 @pytest.mark.parametrize("microbatches", [2, 4])
 def test_gradient_accumulation_equals_whole_batch(microbatches):
     config = small_config()
@@ -114,13 +127,18 @@ def test_gradient_accumulation_equals_whole_batch(microbatches):
     batch = random_batch(np.random.default_rng(3), 8, 16, config.model.vocab_size)
 
     def step(k):
-        fn = make_train_step(
-            setup.graphdef, optimizer, config.model, z_loss=config.train.z_loss, num_microbatches=k
-        )
-        return jax.device_get(jax.jit(fn)(state, batch))
+        objective = RowRecordingLM()
+        config.train.microbatches = k
+        fn = make_train_step(objective, config.copy_and_resolve_references(), setup.graphdef, optimizer)
+        return jax.device_get(jax.jit(fn)(state, batch, None)), objective.seen
 
-    whole_state, whole_metrics = step(1)
-    accumulated_state, accumulated_metrics = step(microbatches)
+    (whole_state, whole_metrics), whole_rows = step(1)
+    (accumulated_state, accumulated_metrics), microbatch_rows = step(microbatches)
+    # The loop really ran: k evaluations of B / k rows each, every row of the batch exactly once.
+    assert [rows.shape for rows in whole_rows] == [(8, 16)]
+    assert [rows.shape for rows in microbatch_rows] == [(8 // microbatches, 16)] * microbatches
+    np.testing.assert_array_equal(np.sort(np.concatenate(microbatch_rows), axis=0),
+                                  np.sort(batch["input_ids"], axis=0))
     for key in ("loss", "cross_entropy", "z_loss", "accuracy", "grad_norm", "tokens"):
         np.testing.assert_allclose(accumulated_metrics[key], whole_metrics[key], rtol=1e-5, err_msg=key)
     jax.tree.map(
@@ -130,14 +148,16 @@ def test_gradient_accumulation_equals_whole_batch(microbatches):
     )
 
 
-def loss_and_grads(config, params, batch, setup):
-    from plamo_jax.train.step import model_loss_sums
-
+def mean_loss_fn(config, batch, setup):
     def loss(p):
-        objective, sums = model_loss_sums(setup.graphdef, p, batch, config.model, config.train.z_loss)
+        objective, sums = lm_loss_sums(setup.graphdef, p, batch, config.model, config.train.z_loss)
         return objective / sums["tokens"]
 
-    return jax.jit(jax.value_and_grad(loss))(params)
+    return loss
+
+
+def loss_and_grads(config, params, batch, setup):
+    return jax.jit(jax.value_and_grad(mean_loss_fn(config, batch, setup)))(params)
 
 
 @pytest.mark.parametrize("policy", ["save_dots", "full"])
@@ -148,11 +168,31 @@ def test_rematerialisation_does_not_change_loss_or_gradients(policy):
     params = state_lib.init_params(config.model, setup, seed=0)
     batch = random_batch(np.random.default_rng(5), 4, 16, config.model.vocab_size)
     expected_loss, expected_grads = loss_and_grads(config, params, batch, setup)
+    saved_without = residual_bytes(mean_loss_fn(config, batch, setup), params)
     config.model.remat = policy
     remat_setup = state_lib.setup_model(config.model, mesh, rules)
     loss, grads = loss_and_grads(config, params, batch, remat_setup)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, expected_grads)
+    # The policy changed what the forward pass keeps for the backward pass (JAX's own residuals).
+    saved_with = residual_bytes(mean_loss_fn(config, batch, remat_setup), params)
+    assert saved_with < 0.8 * saved_without, (policy, saved_with, saved_without)
+
+
+def residual_bytes(fn, params) -> float:
+    return nbytes(residual_avals(fn, params))
+
+
+def test_policies_keep_less_the_more_they_recompute():
+    config = small_config()
+    mesh, rules = mesh_of(data=1), mesh_rules(config)
+    batch = random_batch(np.random.default_rng(5), 4, 16, config.model.vocab_size)
+    saved = {}
+    for policy in ("none", "save_dots", "full"):
+        config.model.remat = policy
+        setup = state_lib.setup_model(config.model, mesh, rules)
+        saved[policy] = residual_bytes(mean_loss_fn(config, batch, setup), setup.abstract_params)
+    assert saved["full"] < saved["save_dots"] < saved["none"], saved
 
 
 def test_bfloat16_compute_keeps_fp32_parameters_and_loss():

@@ -11,15 +11,16 @@ import pytest
 from helpers import initial_host_params, mesh_of, small_config
 from test_train_end_to_end import read_metrics, run
 
-from plamo_jax.configuration import ConfigError, mesh_rules, validate_config
-from plamo_jax.data.errors import DataError
-from plamo_jax.data.pipeline import make_train_iterator
+from plamo_jax.configuration import mesh_rules
+from plamo_jax.errors import ConfigError, DataError
 from plamo_jax.parallel.rules import sharding_context
-from plamo_jax.posttrain.dpo import jit_dpo_step
 from plamo_jax.posttrain.preference_data import builtin_preference_pairs
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.checkpoint import load_params
+from plamo_jax.train.objectives.dpo import DPO
 from plamo_jax.train.optimizer import make_optimizer
+from plamo_jax.train.run import validate
+from plamo_jax.train.step import make_train_step
 
 SEQ_LEN, BATCH = 96, 8
 
@@ -36,7 +37,7 @@ def dpo_config(**train):
 
 @pytest.fixture(scope="module")
 def batch():
-    data = make_train_iterator(dpo_config().data, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=0)
+    data = DPO.make_iterator(dpo_config().data, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=0)
     return data, next(data)
 
 
@@ -92,7 +93,8 @@ def run_dpo_step(config, mesh, host_policy, host_reference, host_batch):
     state = state_lib.init_state(config.model, setup, optimizer, seed=0, params=params)
     batch = jax.device_put(host_batch, state_lib.batch_sharding(mesh, rules))
     with sharding_context(mesh, rules):
-        new_state, metrics = jit_dpo_step(config, setup, optimizer)(state, batch, reference)
+        step = jax.jit(make_train_step(DPO, config, setup.graphdef, optimizer))
+        new_state, metrics = step(state, batch, reference)
     return jax.device_get((new_state["params"], metrics))
 
 
@@ -140,17 +142,17 @@ def test_dpo_config_errors_name_the_key(tmp_path):
     config = dpo_config()
     config.checkpoint.init_params = ""
     with pytest.raises(ConfigError, match="checkpoint.init_params.*frozen reference"):
-        validate_config(config, 1)
+        validate(config, 1)
     config = dpo_config()
     config.data.format = "chat"
     with pytest.raises(ConfigError, match="data.format='chat'.*'preference'"):
-        validate_config(config, 1)
+        validate(config, 1)
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "hi", "chosen": "hello"}) + "\n")
     config = dpo_config()
     config.data.source, config.data.on_bad_input = str(path), "fail"
     with pytest.raises(DataError, match=r"pairs.jsonl:1: bad_pair: no 'rejected' field"):
-        make_train_iterator(config.data, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=0)
+        DPO.make_iterator(config.data, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=0)
 
 
 def test_dpo_recipe_prefers_the_chosen_answers_and_resumes_exactly(tmp_path):

@@ -11,15 +11,15 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import mesh_of, small_config
+from helpers import small_config
 
-from plamo_jax.configuration import mesh_rules
-from plamo_jax.data.errors import DataError
 from plamo_jax.data.tokenizer import ByteTokenizer
+from plamo_jax.errors import DataError
 from plamo_jax.evaluate.multiple_choice import evaluate_multiple_choice
 from plamo_jax.evaluate.perplexity import evaluate_perplexity
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.checkpoint import save_params
+from plamo_jax.train.run import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 64
@@ -30,12 +30,12 @@ TEXTS = ["短い文書。", "A second document, a little longer than the first o
 def setup_for(mesh_sizes, params=None):
     config = small_config(vocab_size=512)
     config.mesh.update({"data": 1, **mesh_sizes})
-    setup = state_lib.setup_model(config.model, mesh_of(**mesh_sizes), mesh_rules(config))
+    run = build_model(config, jax.devices()[: math.prod(mesh_sizes.values())])
     if params is None:
-        params = state_lib.init_params(config.model, setup, seed=0)
+        params = state_lib.init_params(config.model, run.setup, seed=0)
     else:
-        params = jax.device_put(params, setup.param_shardings)
-    return config, setup, params
+        params = jax.device_put(params, run.setup.param_shardings)
+    return run, params
 
 
 def forward_log_probs(config, params, tokens: np.ndarray) -> np.ndarray:
@@ -57,13 +57,13 @@ def corpus(tmp_path_factory):
 
 
 def test_perplexity_scores_every_document_once_like_separate_forward_passes(corpus):
-    config, setup, params = setup_for({})
-    [result] = evaluate_perplexity(config, setup, params, str(corpus), seq_len=SEQ_LEN, batch_size=4)
+    run, params = setup_for({})
+    [result] = evaluate_perplexity(run, params, str(corpus), seq_len=SEQ_LEN, batch_size=4)
     tokenizer, nats, tokens = ByteTokenizer(), 0.0, 0
     for text in TEXTS:
         document = np.concatenate([[tokenizer.bos_id], tokenizer.encode_array(text), [tokenizer.eos_id]])
         assert len(document) <= SEQ_LEN + 1  # each fits one row, so a single pass is the reference
-        nats -= forward_log_probs(config, jax.device_get(params), document).sum()
+        nats -= forward_log_probs(run.config, jax.device_get(params), document).sum()
         tokens += len(document) - 1
     assert result["documents"] == len(TEXTS) and result["tokens"] == tokens
     np.testing.assert_allclose(result["cross_entropy"], nats / tokens, rtol=1e-5)
@@ -75,17 +75,17 @@ def test_perplexity_scores_every_document_once_like_separate_forward_passes(corp
 def test_a_long_document_is_scored_once_across_rows(tmp_path):
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"text": "長い" * 100}) + "\n" + json.dumps({"text": "short"}) + "\n")
-    config, setup, params = setup_for({})
-    [result] = evaluate_perplexity(config, setup, params, str(path), seq_len=SEQ_LEN, batch_size=4)
+    run, params = setup_for({})
+    [result] = evaluate_perplexity(run, params, str(path), seq_len=SEQ_LEN, batch_size=4)
     assert result["tokens"] == (len("長い".encode()) * 100 + 1) + (len("short") + 1)
 
 
 def test_sharded_evaluation_equals_single_device(corpus):
-    config, setup, params = setup_for({})
-    expected = evaluate_perplexity(config, setup, params, str(corpus), seq_len=SEQ_LEN, batch_size=4)
+    run, params = setup_for({})
+    expected = evaluate_perplexity(run, params, str(corpus), seq_len=SEQ_LEN, batch_size=4)
     host = jax.device_get(params)
-    config8, setup8, params8 = setup_for(dict(data=2, fsdp=2, tensor=2), host)
-    got = evaluate_perplexity(config8, setup8, params8, str(corpus), seq_len=SEQ_LEN, batch_size=4)
+    run8, params8 = setup_for(dict(data=2, fsdp=2, tensor=2), host)
+    got = evaluate_perplexity(run8, params8, str(corpus), seq_len=SEQ_LEN, batch_size=4)
     assert got[0]["tokens"] == expected[0]["tokens"]
     np.testing.assert_allclose(got[0]["cross_entropy"], expected[0]["cross_entropy"], rtol=1e-5)
 
@@ -100,9 +100,9 @@ EXAMPLES = [
 def test_multiple_choice_sums_equal_naive_scoring(tmp_path):
     path = tmp_path / "mc.jsonl"
     path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in EXAMPLES))
-    config, setup, params = setup_for(dict(fsdp=2, tensor=2))
+    run, params = setup_for(dict(fsdp=2, tensor=2))
     tokenizer = ByteTokenizer()
-    result = evaluate_multiple_choice(config, setup, params, tokenizer, str(path), seq_len=SEQ_LEN,
+    result = evaluate_multiple_choice(run, params, tokenizer, str(path), seq_len=SEQ_LEN,
                                       batch_size=4)
     host = jax.device_get(params)
     correct = 0
@@ -111,7 +111,8 @@ def test_multiple_choice_sums_equal_naive_scoring(tmp_path):
         naive = []
         for choice in example["choices"]:
             ids = tokenizer.encode_array(choice)
-            naive.append(forward_log_probs(config, host, np.concatenate([context, ids]))[-len(ids):].sum())
+            log_probs = forward_log_probs(run.config, host, np.concatenate([context, ids]))
+            naive.append(log_probs[-len(ids):].sum())
         np.testing.assert_allclose(sums, naive, rtol=1e-5)
         correct += int(np.argmax(naive)) == example["answer"]
     assert result["accuracy"] == correct / 3 and result["examples"] == 3
@@ -121,14 +122,15 @@ def test_bad_multiple_choice_record_names_the_line(tmp_path):
     path = tmp_path / "mc.jsonl"
     bad = {"context": "x", "choices": ["a"], "answer": 0}
     path.write_text(json.dumps(EXAMPLES[0]) + "\n" + json.dumps(bad))
-    config, setup, params = setup_for({})
+    run, params = setup_for({})
     with pytest.raises(DataError, match=r"mc.jsonl:2: 'choices' is not a list of two or more"):
-        evaluate_multiple_choice(config, setup, params, ByteTokenizer(), str(path), seq_len=SEQ_LEN,
+        evaluate_multiple_choice(run, params, ByteTokenizer(), str(path), seq_len=SEQ_LEN,
                                  batch_size=4)
 
 
 def test_evaluate_tool_reports_perplexity_and_accuracy(tmp_path, corpus):
-    config, _, params = setup_for({})
+    run, params = setup_for({})
+    config = run.config
     config.train.seq_len = SEQ_LEN
     save_params(tmp_path / "ckpt", jax.device_get(params), config.to_json())
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -167,7 +169,8 @@ def test_generation_equals_the_cached_recurrent_decoder_of_the_hybrid_model():
 
 
 def test_generate_tool_answers_a_chat_message(tmp_path):
-    config, _, params = setup_for({})
+    run, params = setup_for({})
+    config = run.config
     config.data.chat_template = "plain"
     save_params(tmp_path / "ckpt", jax.device_get(params), config.to_json())
     env = dict(os.environ, JAX_PLATFORMS="cpu")

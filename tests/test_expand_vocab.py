@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from plamo_jax import cli
 from plamo_jax.configuration import default_config
 from plamo_jax.convert.vocab import VocabExpansionError, VocabExpansionReport, expand_vocabulary
 from plamo_jax.data.tokenizer import load_tokenizer
@@ -264,6 +265,7 @@ def test_expand_vocab_cli_writes_a_checkpoint_for_the_new_tokenizer(tmp_path, to
     old_size = load_tokenizer(str(tokenizers["old"])).vocab_size
     np.testing.assert_array_equal(new_params["lm_head"][:, :old_size], params["lm_head"][:, :old_size])
     assert "from their old pieces" in capsys.readouterr().out
-    code = tool.main(["--checkpoint", str(tmp_path / "old_ckpt"), "--old-tokenizer", str(tokenizers["new"]),
-                      "--new-tokenizer", str(tokenizers["old"]), "--out", str(tmp_path / "refused")])
-    assert code == 1 and "expected more tokens in the new one" in capsys.readouterr().err
+    code = cli.call(tool.main, ["--checkpoint", str(tmp_path / "old_ckpt"), "--old-tokenizer",
+                                str(tokenizers["new"]), "--new-tokenizer", str(tokenizers["old"]), "--out",
+                                str(tmp_path / "refused")])
+    assert code == 2 and "expected more tokens in the new one" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from plamo_jax.models.attention import dot_product_attention
 from plamo_jax.models.decoder import Decoder
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import state as state_lib
-from plamo_jax.train.step import model_loss_sums
+from plamo_jax.train.objectives.lm import lm_loss_sums
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -156,7 +156,7 @@ def _run_grads(config, mesh, host_params, host_batch):
     batch = jax.device_put(host_batch, batch_sharding)
 
     def loss_fn(params, batch):
-        objective, sums = model_loss_sums(setup.graphdef, params, batch, config.model, config.train.z_loss)
+        objective, sums = lm_loss_sums(setup.graphdef, params, batch, config.model, config.train.z_loss)
         return objective / sums["tokens"]
 
     with sharding_context(mesh, rules):

@@ -17,9 +17,9 @@ from helpers import small_config
 
 from plamo_jax.configuration import ConfigError, load_recipe, mesh_rules
 from plamo_jax.estimate import memory
-from plamo_jax.models import registry
 from plamo_jax.parallel.mesh import make_mesh
 from plamo_jax.train import state as state_lib
+from plamo_jax.train.run import build_run
 
 REPO = Path(__file__).resolve().parents[1]
 # The estimate must stay within this factor of XLA's arguments + temporaries. It errs high: it keeps a
@@ -126,9 +126,10 @@ def test_parameter_shards_equal_named_sharding_shards(recipe, mesh):
     setup = state_lib.setup_model(config.model, device_mesh, mesh_rules(config))
     expected = sum(4 * np.prod(sharding.shard_shape(leaf.shape)) for leaf, sharding in zip(
         jax.tree.leaves(setup.abstract_params), jax.tree.leaves(setup.param_shardings), strict=True))
-    layout = memory.make_layout(config, 8)
-    num_blocks = registry.get_family(config.model.family).num_blocks(config.model)
-    assert memory.parameter_bytes(config, layout, num_blocks).stored_bytes == expected
+    run = build_run(config, num_devices=8)
+    num_blocks = run.family.num_blocks(config.model)
+    layout = memory.Layout(run.mesh, run.rules)
+    assert memory.parameter_bytes(run, layout, num_blocks).stored_bytes == expected
 
 
 def test_megatron_formula_agrees_on_llama_model_states():
@@ -196,7 +197,7 @@ def test_dpo_estimate_counts_the_reference_and_both_sequences(layout):
     config.data.format, config.train.objective, config.checkpoint.init_params = "preference", "dpo", "x"
     estimate = memory.estimate_memory(config, num_devices, host_kernels=True)
     xla = memory.xla_memory(config, jax.devices()[:num_devices])
-    assert state_arguments(estimate) + estimate.bytes_of("DPO reference parameters") == xla.argument
+    assert state_arguments(estimate) + estimate.bytes_of("frozen parameters") == xla.argument
     assert LOW <= estimate.total / xla.peak <= HIGH, (estimate.table(), xla)
     lm, _ = compared(layout, "full")
     assert estimate.bytes_of("input batch") == 2 * lm.bytes_of("input batch")

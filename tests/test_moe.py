@@ -10,7 +10,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from plamo_jax.configuration import default_config, load_recipe
-from plamo_jax.models import moe
+from plamo_jax.errors import ConfigError
+from plamo_jax.models import experts, moe, registry
 from plamo_jax.models.decoder import Decoder
 from plamo_jax.parallel import rules
 
@@ -90,9 +91,9 @@ def test_blocked_grouped_matmul_equals_ragged_dot():
         return jnp.sum(out * probe), out
 
     argnums = (0, 1, 2, 3)
-    (_, want), want_grads = jax.value_and_grad(lambda *a: loss(moe.ragged_swiglu, *a), argnums,
+    (_, want), want_grads = jax.value_and_grad(lambda *a: loss(experts.ragged_swiglu, *a), argnums,
                                                has_aux=True)(x, gate, up, down)
-    (_, have), have_grads = jax.jit(jax.value_and_grad(lambda *a: loss(moe.blocked_swiglu, *a), argnums,
+    (_, have), have_grads = jax.jit(jax.value_and_grad(lambda *a: loss(experts.blocked_swiglu, *a), argnums,
                                                        has_aux=True))(x, gate, up, down)
     np.testing.assert_allclose(np.asarray(have), np.asarray(want), atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(have[32:]), 0.0)
@@ -163,10 +164,12 @@ def test_capacity_mode_drops_and_reports():
 
 
 def test_bad_config_names_the_key():
-    with pytest.raises(ValueError, match="model.num_experts_per_token=9"):
-        moe.MoEMLP(moe_cfg(num_experts_per_token=9), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="model.expert_mlp_dim=0"):
-        moe.MoEMLP(moe_cfg(expert_mlp_dim=0), rngs=nnx.Rngs(0))
+    one_device = {axis: 1 for axis in rules.MESH_AXES}
+    with pytest.raises(ConfigError, match="model.num_experts_per_token=9"):
+        registry.validate_model(moe_cfg(num_experts_per_token=9), one_device)
+    with pytest.raises(ConfigError, match="model.expert_mlp_dim=0"):
+        registry.validate_model(moe_cfg(expert_mlp_dim=0), one_device)
+    registry.validate_model(moe_cfg(mlp_dim=0), one_device)  # an MoE has no dense MLP: mlp_dim is unused
 
 
 # ------------------------------------------------------------------------------ expert parallelism

@@ -159,7 +159,7 @@ def test_driver_round_trip(tmp_path, fmt, qk_norm):
     params = random_params(cfg)
     hf.export_hf(params, cfg, tmp_path / "hf", fmt=fmt, dtype="float32")
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1, 1), rules.MESH_AXES)
-    imported, config = hf.import_hf(tmp_path / "hf", default_config(), mesh, rules.DEFAULT_RULES)
+    imported, config = hf.import_hf(tmp_path / "hf", default_config(), list(mesh.devices.flat))
     for key in ("family", "num_experts", "num_experts_per_token", "expert_mlp_dim", "router_renormalize",
                 "qk_norm", "tie_embeddings", "rope_theta"):
         assert config.model[key] == cfg[key], key

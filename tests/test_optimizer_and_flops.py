@@ -7,9 +7,11 @@ from helpers import mesh_of, random_batch, small_config
 
 from plamo_jax.configuration import mesh_rules
 from plamo_jax.models.attention import attention_mask
+from plamo_jax.models.flops import mean_attended_keys
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import flops as flops_lib
 from plamo_jax.train import state as state_lib
+from plamo_jax.train.objectives.lm import LANGUAGE_MODELING
 from plamo_jax.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from plamo_jax.train.step import make_train_step
 
@@ -61,7 +63,7 @@ def test_weight_decay_skips_norms_and_embeddings():
 @pytest.mark.parametrize("length, window", [(16, 0), (16, 5), (7, 20)])
 def test_mean_attended_keys_counts_the_mask(length, window):
     mask = np.asarray(attention_mask(np.ones((1, length), np.int32), window))
-    assert flops_lib.mean_attended_keys(length, window) == pytest.approx(mask.sum() / length)
+    assert mean_attended_keys(length, window) == pytest.approx(mask.sum() / length)
 
 
 def test_flops_formula_matches_xla_count():
@@ -71,10 +73,10 @@ def test_flops_formula_matches_xla_count():
     mesh, rules = mesh_of(data=1), mesh_rules(config)
     setup = state_lib.setup_model(config.model, mesh, rules)
     optimizer = make_optimizer(config.optimizer, 10)
-    step = jax.jit(make_train_step(setup.graphdef, optimizer, config.model, z_loss=1e-4, num_microbatches=1))
+    step = jax.jit(make_train_step(LANGUAGE_MODELING, config, setup.graphdef, optimizer))
     batch = random_batch(np.random.default_rng(0), 4, 64, config.model.vocab_size)
     with sharding_context(mesh, rules):
-        cost = step.lower(state_lib.abstract_state(setup, optimizer), batch).compile().cost_analysis()
+        cost = step.lower(state_lib.abstract_state(setup, optimizer), batch, None).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     formula = flops_lib.train_flops_per_token(config.model, 64) * 4 * 64
     assert 0.95 < cost["flops"] / formula < 1.2

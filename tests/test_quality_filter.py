@@ -18,6 +18,7 @@ import re
 import numpy as np
 import pytest
 
+from plamo_jax import cli
 from plamo_jax.data.minhash import MinHasher, NearDuplicateIndex, estimated_jaccard, exact_jaccard
 from plamo_jax.data.quality import (
     DUPLICATE_NGRAM_SIZES,
@@ -30,6 +31,7 @@ from plamo_jax.data.quality import (
     split_sentences,
     url_is_blocked,
 )
+from plamo_jax.errors import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -258,9 +260,9 @@ def test_settings_overrides_are_typed_and_unknown_names_rejected():
                                                  "normalize_punctuation": "false"})
     assert settings.min_letters == 300 and settings.max_top_2gram_share == 0.25
     assert settings.normalize_punctuation is False
-    with pytest.raises(ValueError, match="min_leters=3.*unknown setting"):
+    with pytest.raises(DataError, match="min_leters=3.*unknown setting"):
         QualitySettings().with_overrides({"min_leters": "3"})
-    with pytest.raises(ValueError, match="min_letters=many.*int"):
+    with pytest.raises(DataError, match="min_letters=many.*int"):
         QualitySettings().with_overrides({"min_letters": "many"})
 
 
@@ -361,5 +363,6 @@ def test_filter_corpus_cli_writes_kept_records_and_a_report(tmp_path, capsys):
 def test_filter_corpus_cli_names_a_bad_setting(tmp_path, capsys):
     corpus = tmp_path / "in.jsonl"
     corpus.write_text(json.dumps({"text": LIBRARY}, ensure_ascii=False) + "\n", encoding="utf-8")
-    code = load_tool().main([str(corpus), "--output", str(tmp_path / "o.jsonl"), "--set", "min_letters"])
-    assert code == 1 and "--set 'min_letters': expected NAME=VALUE" in capsys.readouterr().err
+    arguments = [str(corpus), "--output", str(tmp_path / "o.jsonl"), "--set", "min_letters"]
+    code = cli.call(load_tool().main, arguments)
+    assert code == 2 and "--set 'min_letters': expected NAME=VALUE" in capsys.readouterr().err

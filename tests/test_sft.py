@@ -9,18 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import small_config
+from helpers import make_train_iterator, small_config
 from test_train_end_to_end import ROOT, read_metrics, run
 
 from plamo_jax.configuration import load_recipe
 from plamo_jax.data.documents import documents_from_token_lists
-from plamo_jax.data.errors import DataError
 from plamo_jax.data.packing import PackedRows, fit_documents
-from plamo_jax.data.pipeline import make_train_iterator
 from plamo_jax.data.tokenizer import ByteTokenizer
+from plamo_jax.errors import DataError
 from plamo_jax.models.decoder import Decoder
 from plamo_jax.posttrain.sft import CHAT_TEMPLATES, builtin_conversations, render_conversation
-from plamo_jax.train.step import model_loss_sums
+from plamo_jax.train.objectives.lm import lm_loss_sums
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -117,7 +116,7 @@ def test_packed_sft_loss_equals_each_conversation_alone():
     batch = next(data)
     model = Decoder(model_cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
-    _, packed = model_loss_sums(graphdef, params, jax.tree.map(jnp.asarray, batch), model_cfg, z_loss=0.0)
+    _, packed = lm_loss_sums(graphdef, params, jax.tree.map(jnp.asarray, batch), model_cfg, z_loss=0.0)
 
     tokenizer = data.tokenizer
     cross_entropy, tokens = 0.0, 0.0

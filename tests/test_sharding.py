@@ -10,8 +10,9 @@ from plamo_jax.configuration import mesh_rules
 from plamo_jax.models import attention as attention_module
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import state as state_lib
+from plamo_jax.train.objectives.lm import LANGUAGE_MODELING, lm_loss_sums
 from plamo_jax.train.optimizer import make_optimizer
-from plamo_jax.train.step import make_train_step, model_loss_sums
+from plamo_jax.train.step import make_train_step
 
 MESHES = {
     "data=8": dict(data=8),
@@ -38,7 +39,7 @@ def run_step(config, mesh, host_params, host_batch):
     batch = jax.device_put(host_batch, batch_sharding)
 
     def loss_and_grads(params, batch):
-        objective, sums = model_loss_sums(setup.graphdef, params, batch, config.model, config.train.z_loss)
+        objective, sums = lm_loss_sums(setup.graphdef, params, batch, config.model, config.train.z_loss)
         return objective / sums["tokens"]
 
     with sharding_context(mesh, rules):
@@ -47,13 +48,11 @@ def run_step(config, mesh, host_params, host_batch):
         )
         loss, grads = grad_fn(params, batch)
         step_fn = jax.jit(
-            make_train_step(
-                setup.graphdef, optimizer, config.model, z_loss=config.train.z_loss, num_microbatches=1
-            ),
-            in_shardings=(shardings, batch_sharding),
+            make_train_step(LANGUAGE_MODELING, config, setup.graphdef, optimizer),
+            in_shardings=(shardings, batch_sharding, None),
             out_shardings=(shardings, None),
         )
-        new_state, metrics = step_fn(state, batch)
+        new_state, metrics = step_fn(state, batch, None)
     return jax.device_get((loss, grads, new_state["params"], metrics)), (params, batch)
 
 

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from plamo_jax.data.errors import DataError
 from plamo_jax.data.sources import read_builtin_documents
 from plamo_jax.data.tokenizer import (
     ByteTokenizer,
@@ -18,6 +17,7 @@ from plamo_jax.data.tokenizer import (
     load_tokenizer,
 )
 from plamo_jax.data.tokenizer_training import TokenizerTrainingSettings, train_sentencepiece
+from plamo_jax.errors import DataError
 
 SAMPLES = [
     "吾輩は猫である。名前はまだ無い。",

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from helpers import make_train_iterator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from plamo_jax.configuration import load_recipe
-from plamo_jax.data.pipeline import make_train_iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 

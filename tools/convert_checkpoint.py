@@ -9,15 +9,15 @@ The HF architecture is read from config.json (from-hf) or chosen from the model 
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
+from plamo_jax import cli
 from plamo_jax.configuration import default_config, load_recipe
 from plamo_jax.convert import hf
-from plamo_jax.train.checkpoint import CheckpointError
+from plamo_jax.convert.formats import FORMATS
+from plamo_jax.errors import ConfigError
 
 
 def recipe_or_defaults(path: str | None):
@@ -30,20 +30,18 @@ def apply_mesh_overrides(config, overrides: list[str]) -> None:
         key, sep, value = override.removeprefix("--").partition("=")
         section, _, name = key.partition(".")
         if section != "mesh" or not sep or name not in config.mesh or name == "rules":
-            raise SystemExit(
+            raise ConfigError(
                 f"unknown argument {override!r}; expected --mesh.<axis>=<size> with axis one of "
                 f"{sorted(k for k in config.mesh if k != 'rules')}"
             )
         try:
             setattr(config.mesh, name, int(value))
         except ValueError:
-            raise SystemExit(f"{override!r}: expected an integer mesh size") from None
+            raise ConfigError(f"{override!r}: expected an integer mesh size") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: list[str]) -> int:
+    parser = cli.ArgumentParser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     to_hf = commands.add_parser("to-hf", help="Orbax checkpoint -> Hugging Face directory")
     to_hf.add_argument(
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     to_hf.add_argument(
         "--format",
         default=None,
-        choices=sorted(hf.FORMAT_MODULES),
+        choices=sorted(FORMATS),
         help="HF format (default: chosen from the model config)",
     )
     to_hf.add_argument("--tokenizer", default=None, help="tokenizer directory or file to copy")
@@ -94,7 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (hf.ConversionError, CheckpointError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    cli.run(main)

@@ -6,28 +6,27 @@
 --compare-xla also compiles the real train step abstractly on this host's CPU with `--devices`
 simulated devices (nothing is allocated) and prints the estimate next to XLA's memory analysis.
 The tool sets XLA_FLAGS for that; a big model on many devices takes minutes and host memory to compile.
-Exit status: 0 when the estimate fits under 80% of device memory, 1 when not, 2 for a bad config.
+Exit status: 0 when the estimate fits under 80% of device memory, 1 when not, 2 for a bad config
+(one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
-from plamo_jax.configuration import ConfigError
+from plamo_jax import cli
 from plamo_jax.estimate import memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (get_config()).", lock_config=True)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--config", required=True, help="recipe file, e.g. configs/llama3_8b.py")
     parser.add_argument("--devices", type=int, required=True, help="number of devices of the run")
     parser.add_argument("--device", default="h100", help=f"one of {sorted(memory.DEVICE_MEMORY_GIB)}")
@@ -35,16 +34,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="device memory in GiB (overrides the --device table)")
     parser.add_argument("--compare-xla", action="store_true",
                         help="compile the step on simulated CPU devices and compare with XLA's analysis")
-    args, rest = parser.parse_known_args(argv[1:])
+    args, rest = parser.parse_known_args(argv)
     unknown = [arg for arg in rest if not arg.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognised arguments {unknown}; overrides look like --config.train.seq_len=4096")
-    if not Path(args.config.split(":")[0]).is_file():
-        parser.error(f"--config={args.config}: no such recipe file; expected e.g. configs/llama3_8b.py")
+    cli.check_recipe_flag(["--config", args.config])
     if args.devices < 1:
         parser.error(f"--devices={args.devices}: expected a positive number of devices")
     try:
-        flags.FLAGS([argv[0], f"--config={args.config}", *rest])
+        flags.FLAGS(["estimate_memory", f"--config={args.config}", *rest])
     except (AttributeError, KeyError) as error:
         parser.error(f"config override {' '.join(rest)}: unknown key {error}; expected keys of the recipe")
     except (flags.Error, TypeError, ValueError) as error:
@@ -58,7 +56,7 @@ def use_simulated_devices(count: int) -> None:
     existing = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in existing:
         os.environ["XLA_FLAGS"] = f"{existing} {flag}".strip()
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")  # JAX read JAX_PLATFORMS when it was imported
 
 
 def comparison_table(estimate: memory.MemoryEstimate, xla: memory.XlaMemory) -> str:
@@ -81,22 +79,13 @@ def main(argv: list[str]) -> int:
     if args.compare_xla:
         use_simulated_devices(args.devices)
     config = _CONFIG.value
-    try:
-        estimate = memory.estimate_memory(config, args.devices, device=args.device,
-                                          device_memory_gib=args.device_memory_gib,
-                                          host_kernels=args.compare_xla)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    estimate = memory.estimate_memory(config, args.devices, device=args.device,
+                                      device_memory_gib=args.device_memory_gib, host_kernels=args.compare_xla)
     print(estimate.table())
     if args.compare_xla:
-        import jax
-
         if jax.device_count() < args.devices:
-            print(f"error: --compare-xla needs {args.devices} devices but JAX sees {jax.device_count()}; "
-                  "unset XLA_FLAGS or set --xla_force_host_platform_device_count to at least that",
-                  file=sys.stderr)
-            return 2
+            cli.fail(f"--compare-xla needs {args.devices} devices but JAX sees {jax.device_count()}; "
+                     "unset XLA_FLAGS or set --xla_force_host_platform_device_count to at least that")
         xla = memory.xla_memory(config, jax.devices()[: args.devices])
         print()
         print(f"compared with XLA's memory analysis of the compiled step ({jax.devices()[0].platform}; the "
@@ -106,4 +95,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    cli.run(main)

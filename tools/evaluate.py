@@ -8,81 +8,69 @@ The tokenizer and model come from the checkpoint's saved config. Corpora take th
 `data.source` forms (JSONL / Parquet / text files, token-shard directories, `builtin`); multiple-
 choice files are JSONL {"context", "choices", "answer"} (`builtin_choice`: a bundled two-way set).
 The mesh spreads the model over this host's devices (default: all on the data axis). Prints one
-JSON object; exit status 2 for bad input.
+JSON object; bad input is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
-import jax
-
-from plamo_jax.configuration import ConfigError, mesh_rules, validate_config
-from plamo_jax.data.errors import DataError
+from plamo_jax import cli
 from plamo_jax.data.tokenizer import tokenizer_from_config
+from plamo_jax.errors import ConfigError
 from plamo_jax.evaluate.multiple_choice import evaluate_multiple_choice
 from plamo_jax.evaluate.perplexity import evaluate_perplexity
-from plamo_jax.parallel.mesh import make_mesh
 from plamo_jax.parallel.rules import MESH_AXES
-from plamo_jax.train import state as state_lib
-from plamo_jax.train.checkpoint import CheckpointError, load_config, load_params
+from plamo_jax.train.checkpoint import load_config, load_params
+from plamo_jax.train.objectives.lm import CORPUS_FORMATS
+from plamo_jax.train.run import build_model
 
 
-def parse_mesh(text: str, parser: argparse.ArgumentParser) -> dict[str, int]:
+def parse_mesh(text: str) -> dict[str, int]:
     sizes = {"data": -1}
     for item in filter(None, (part.strip() for part in text.split(","))):
         axis, _, size = item.partition("=")
         if axis not in MESH_AXES or not size.lstrip("-").isdigit():
-            parser.error(f"--mesh item {item!r}: expected AXIS=SIZE with AXIS one of {MESH_AXES}")
+            raise ConfigError(f"--mesh item {item!r}: expected AXIS=SIZE with AXIS one of {MESH_AXES}")
         sizes[axis] = int(size)
     return sizes
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="an Orbax root or one step's directory")
     parser.add_argument("--step", type=int, default=None, help="step to load (default: the newest)")
     parser.add_argument("--perplexity", default="", help="comma-separated corpora (data.source syntax)")
-    parser.add_argument("--format", choices=("text", "chat"), default="text",
+    parser.add_argument("--format", choices=tuple(CORPUS_FORMATS), default="text",
                         help="perplexity corpora: text (every token) or chat (assistant tokens)")
     parser.add_argument("--multiple-choice", default="", help="comma-separated JSONL files or builtin_choice")
     parser.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's train.seq_len")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass, all devices")
     parser.add_argument("--mesh", default="", help="e.g. fsdp=4,tensor=2; data takes the remaining devices")
     parser.add_argument("--output", default="", help="also write the JSON results to this file")
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_args(argv)
     if not args.perplexity and not args.multiple_choice:
         parser.error("nothing to evaluate: give --perplexity and/or --multiple-choice")
-    try:
-        config = load_config(args.checkpoint, args.step)
-        config.mesh.update(parse_mesh(args.mesh, parser))
-        seq_len = args.seq_len or config.train.seq_len
-        config.train.update(seq_len=seq_len, global_batch_size=args.batch_size, microbatches=1)
-        validate_config(config, jax.device_count())
-        mesh = make_mesh(config.mesh)
-        setup = state_lib.setup_model(config.model, mesh, mesh_rules(config))
-        params, _ = load_params(args.checkpoint, args.step, shardings=setup.param_shardings)
-        results = {"checkpoint": args.checkpoint, "step": args.step, "seq_len": seq_len}
-        if args.perplexity:
-            results["perplexity"] = evaluate_perplexity(
-                config, setup, params, args.perplexity, seq_len=seq_len, batch_size=args.batch_size,
-                data_format=args.format,
-            )
-        if args.multiple_choice:
-            tokenizer = tokenizer_from_config(config.data)
-            results["multiple_choice"] = [
-                evaluate_multiple_choice(
-                    config, setup, params, tokenizer, source, seq_len=seq_len, batch_size=args.batch_size
-                )
-                for source in filter(None, (part.strip() for part in args.multiple_choice.split(",")))
-            ]
-    except (CheckpointError, ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.batch_size < 1:
+        parser.error(f"--batch-size={args.batch_size}: expected >= 1")
+    config = load_config(args.checkpoint, args.step)
+    config.mesh.update(parse_mesh(args.mesh))
+    seq_len = args.seq_len or config.train.seq_len
+    config.train.update(seq_len=seq_len, global_batch_size=args.batch_size, microbatches=1)
+    run = build_model(config)
+    params, _ = load_params(args.checkpoint, args.step, shardings=run.setup.param_shardings)
+    results = {"checkpoint": args.checkpoint, "step": args.step, "seq_len": seq_len}
+    if args.perplexity:
+        results["perplexity"] = evaluate_perplexity(
+            run, params, args.perplexity, seq_len=seq_len, batch_size=args.batch_size, data_format=args.format
+        )
+    if args.multiple_choice:
+        tokenizer = tokenizer_from_config(config.data)
+        results["multiple_choice"] = [
+            evaluate_multiple_choice(run, params, tokenizer, source, seq_len=seq_len,
+                                     batch_size=args.batch_size)
+            for source in filter(None, (part.strip() for part in args.multiple_choice.split(",")))
+        ]
     for entry in results.get("multiple_choice", []):
         del entry["choice_log_probs"]  # per-choice scores are for the API; the report stays short
     text = json.dumps(results, indent=2, ensure_ascii=False)
@@ -94,4 +82,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    cli.run(main)

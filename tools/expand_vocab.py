@@ -11,18 +11,15 @@ tokenizer splits its text into; old rows are unchanged; the vocabulary is padded
 from __future__ import annotations
 
 import argparse
-import sys
 
-from plamo_jax.convert.vocab import VocabExpansionError, VocabExpansionReport, expand_vocabulary
-from plamo_jax.data.errors import DataError
+from plamo_jax import cli
+from plamo_jax.convert.vocab import VocabExpansionReport, expand_vocabulary
 from plamo_jax.data.tokenizer import load_tokenizer
-from plamo_jax.train.checkpoint import CheckpointError, load_params, save_params
+from plamo_jax.train.checkpoint import load_params, save_params
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="Orbax checkpoint (root or step directory)")
     parser.add_argument("--step", type=int, default=None, help="step to read (default: the newest)")
     parser.add_argument("--old-tokenizer", required=True, help="the checkpoint's tokenizer (.model / .json)")
@@ -32,24 +29,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        old_tokenizer = load_tokenizer(args.old_tokenizer)
-        new_tokenizer = load_tokenizer(args.new_tokenizer)
-        params, config = load_params(args.checkpoint, step=args.step)
-        report = VocabExpansionReport()
-        params, model_cfg = expand_vocabulary(params, config.model, old_tokenizer, new_tokenizer,
-                                              pad_multiple=args.pad_multiple, report=report)
-        config.model.vocab_size = model_cfg.vocab_size
-        config.data.tokenizer = args.new_tokenizer
-        step_dir = save_params(args.out, params, config)
-    except (VocabExpansionError, DataError, CheckpointError) as error:
-        print(f"expand_vocab: error: {error}", file=sys.stderr)
-        return 1
+    old_tokenizer = load_tokenizer(args.old_tokenizer)
+    new_tokenizer = load_tokenizer(args.new_tokenizer)
+    params, config = load_params(args.checkpoint, step=args.step)
+    report = VocabExpansionReport()
+    params, model_cfg = expand_vocabulary(params, config.model, old_tokenizer, new_tokenizer,
+                                          pad_multiple=args.pad_multiple, report=report)
+    config.model.vocab_size = model_cfg.vocab_size
+    config.data.tokenizer = args.new_tokenizer
+    step_dir = save_params(args.out, params, config)
     print(f"{step_dir}: {report.summary()}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from plamo_jax.data.errors import DataError
+from plamo_jax import cli
 from plamo_jax.data.minhash import MinHasher
 from plamo_jax.data.quality import QualityFilter, QualitySettings, filter_jsonl
+from plamo_jax.errors import DataError
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("inputs", nargs="+", help="JSONL files or directories searched for them")
     parser.add_argument("--output", required=True, help="JSONL file of the kept records")
     parser.add_argument("--report", default="", help="JSON report path (default: OUTPUT with .report.json)")
@@ -49,7 +47,7 @@ def _parse_overrides(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
-            raise ValueError(f"--set {pair!r}: expected NAME=VALUE")
+            raise DataError(f"--set {pair!r}: expected NAME=VALUE")
         overrides[name.strip()] = value.strip()
     return overrides
 
@@ -60,26 +58,22 @@ def _read_list(path: str, flag: str) -> list[str]:
     try:
         return Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"{flag} {path}: cannot read a UTF-8 list, one entry a line ({error})") from error
+        raise DataError(f"{flag} {path}: cannot read a UTF-8 list, one entry a line ({error})") from error
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        settings = QualitySettings().with_overrides(_parse_overrides(args.set))
-        quality_filter = QualityFilter(settings, ng_words=_read_list(args.ng_words, "--ng-words"))
-        blocked = _read_list(args.blocked_domains, "--blocked-domains")
-        hasher = (MinHasher(args.dedup_ngram, args.dedup_bands, args.dedup_rows, args.dedup_seed)
-                  if args.dedup else None)
-        report = filter_jsonl(
-            args.inputs, args.output, quality_filter=quality_filter, dedup=hasher, text_field=args.text_field,
-            url_field=args.url_field if blocked else "", blocked_domains=blocked,
-            on_bad_input=args.on_bad_input, rejected_output=args.rejected or None,
-            show_progress=not args.no_progress,
-        )
-    except (ValueError, DataError, OSError) as error:
-        print(f"filter_corpus: error: {error}", file=sys.stderr)
-        return 1
+    settings = QualitySettings().with_overrides(_parse_overrides(args.set))
+    quality_filter = QualityFilter(settings, ng_words=_read_list(args.ng_words, "--ng-words"))
+    blocked = _read_list(args.blocked_domains, "--blocked-domains")
+    hasher = (MinHasher(args.dedup_ngram, args.dedup_bands, args.dedup_rows, args.dedup_seed)
+              if args.dedup else None)
+    report = filter_jsonl(
+        args.inputs, args.output, quality_filter=quality_filter, dedup=hasher, text_field=args.text_field,
+        url_field=args.url_field if blocked else "", blocked_domains=blocked,
+        on_bad_input=args.on_bad_input, rejected_output=args.rejected or None,
+        show_progress=not args.no_progress,
+    )
     report_path = Path(args.report) if args.report else Path(args.output).with_suffix(".report.json")
     report_json = json.dumps(report.to_dict(), ensure_ascii=False, indent=2)
     report_path.write_text(report_json + "\n", encoding="utf-8")
@@ -91,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -10,24 +10,19 @@ data.chat_template). A chat reply stops at the template's end of turn or EOS.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
+import jax
 import numpy as np
-from flax import nnx
 
-from plamo_jax.data.errors import DataError
+from plamo_jax import cli
 from plamo_jax.data.tokenizer import encode_to_array, tokenizer_from_config
 from plamo_jax.evaluate.generate import generate
-from plamo_jax.models.decoder import Decoder
 from plamo_jax.posttrain.sft import chat_template, generation_prompt
-from plamo_jax.train.checkpoint import CheckpointError, load_config, load_params
+from plamo_jax.train.checkpoint import load_config, load_params
+from plamo_jax.train.run import build_model
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="an Orbax root or one step's directory")
     parser.add_argument("--step", type=int, default=None)
     prompt = parser.add_mutually_exclusive_group(required=True)
@@ -37,26 +32,26 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens={args.max_new_tokens}: expected >= 1")
-    try:
-        config = load_config(args.checkpoint, args.step)
-        tokenizer = tokenizer_from_config(config.data)
-        params, _ = load_params(args.checkpoint, args.step)
-        stop_text = None
-        if args.chat is not None:
-            template = chat_template(config.data.chat_template, tokenizer)
-            message = [{"role": "user", "content": args.chat}]
-            prompt_ids = generation_prompt(message, tokenizer, template, bool(config.data.add_bos))
-            stop_text = getattr(template, "end_of_turn", None)  # a Jinja template ends turns with EOS
-        else:
-            bos = [tokenizer.bos_id] if config.data.add_bos else []
-            prompt_ids = np.concatenate([bos, encode_to_array(tokenizer, args.prompt)]).astype(np.int32)
-    except (CheckpointError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(config.model, rngs=nnx.Rngs(0))))
+    config = load_config(args.checkpoint, args.step)
+    for axis in config.mesh:
+        if axis != "rules":
+            config.mesh[axis] = 1  # one device: a quick look, not a server
+    tokenizer = tokenizer_from_config(config.data)
+    run = build_model(config, devices=jax.devices()[:1])
+    params, _ = load_params(args.checkpoint, args.step, shardings=run.setup.param_shardings)
+    stop_text = None
+    if args.chat is not None:
+        template = chat_template(config.data.chat_template, tokenizer)
+        message = [{"role": "user", "content": args.chat}]
+        prompt_ids = generation_prompt(message, tokenizer, template, bool(config.data.add_bos))
+        stop_text = getattr(template, "end_of_turn", None)  # a Jinja template ends turns with EOS
+    else:
+        bos = [tokenizer.bos_id] if config.data.add_bos else []
+        prompt_ids = np.concatenate([bos, encode_to_array(tokenizer, args.prompt)]).astype(np.int32)
+    graphdef = run.setup.graphdef
     stop_ids = (tokenizer.eos_id,)
     ids = generate(graphdef, params, prompt_ids, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -68,4 +63,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    cli.run(main)

@@ -10,16 +10,13 @@ shards it finished. Bad records are counted and reported (or, with --on_bad_inpu
 from __future__ import annotations
 
 import argparse
-import sys
 
-from plamo_jax.data.errors import DataError
+from plamo_jax import cli
 from plamo_jax.data.tokenize_job import TokenizeSettings, tokenize_corpus
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("inputs", nargs="+", help="files or directories (.jsonl, .parquet, .txt); 'builtin'")
     parser.add_argument("--output", required=True, help="output directory (manifest.json + shards)")
     parser.add_argument("--tokenizer", default="byte", help="byte | SentencePiece .model | tokenizer.json")
@@ -35,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     settings = TokenizeSettings(
         tokenizer=args.tokenizer,
@@ -47,13 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         shard_bytes=max(1, int(args.shard_mb * 1e6)),
         on_bad_input=args.on_bad_input,
     )
-    try:
-        result = tokenize_corpus(
-            args.inputs, args.output, settings, num_workers=args.workers, show_progress=not args.no_progress
-        )
-    except DataError as error:
-        print(f"tokenize_corpus: error: {error}", file=sys.stderr)
-        return 1
+    result = tokenize_corpus(
+        args.inputs, args.output, settings, num_workers=args.workers, show_progress=not args.no_progress
+    )
     if result.up_to_date:
         print(f"{result.output_dir}: up to date ({result.documents} documents, {result.tokens} tokens)")
     else:
@@ -66,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -10,17 +10,14 @@ Text is not normalised, so decoding gives back exactly the text that was encoded
 from __future__ import annotations
 
 import argparse
-import sys
 
-from plamo_jax.data.errors import DataError
+from plamo_jax import cli
 from plamo_jax.data.tokenizer import SentencePieceTokenizer
 from plamo_jax.data.tokenizer_training import MODEL_TYPES, TokenizerTrainingSettings, train_sentencepiece
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("inputs", nargs="+", help="files or directories (.jsonl, .parquet, .txt); 'builtin'")
     parser.add_argument("--output", required=True, help="model prefix: writes <output>.model and .vocab")
     parser.add_argument("--vocab_size", type=int, default=8000)
@@ -34,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     settings = TokenizerTrainingSettings(
         vocab_size=args.vocab_size,
@@ -46,16 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         text_field=args.text_field,
         on_bad_input=args.on_bad_input,
     )
-    try:
-        model_path, report = train_sentencepiece(args.inputs, args.output, settings)
-        tokenizer = SentencePieceTokenizer(model_path)
-    except DataError as error:
-        print(f"train_tokenizer: error: {error}", file=sys.stderr)
-        return 1
+    model_path, report = train_sentencepiece(args.inputs, args.output, settings)
+    tokenizer = SentencePieceTokenizer(model_path)
     print(f"wrote {model_path} (vocab {tokenizer.vocab_size}, fingerprint {tokenizer.fingerprint()})")
     print(f"input: {report.summary()}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -11,13 +11,13 @@ configs/drop_upcycle_8x.py).
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 
 import ml_collections
 
+from plamo_jax import cli
 from plamo_jax.convert.upcycle import upcycle_params
+from plamo_jax.models.moe import upcycled_config
 from plamo_jax.train.checkpoint import load_params, save_params
 
 
@@ -25,24 +25,14 @@ def moe_config_from_dense(config: ml_collections.ConfigDict, experts: int, top_k
                           aux_loss: float | None) -> ml_collections.ConfigDict:
     """The dense run config with the model turned into an MoE of `experts` copies of its FFN."""
     moe = ml_collections.ConfigDict(config.to_dict())
-    model = moe.model
-    model.family = "moe"
-    model.num_experts = experts
-    model.num_experts_per_token = top_k
-    model.expert_mlp_dim = model.mlp_dim
-    model.num_shared_experts = 0
-    model.capacity_factor = 0.0
-    model.router_softmax_before_topk = True
-    model.router_renormalize = True  # with ratio 0 the MoE then computes exactly the dense FFN
-    if aux_loss is not None:
-        model.moe_aux_loss = aux_loss
+    moe.model = upcycled_config(config.model, num_experts=experts, num_experts_per_token=top_k,
+                                aux_loss=aux_loss)
     moe.name = f"{config.get('name', 'model')}_upcycled_{experts}x"
     return moe
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str]) -> int:
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("src", help="dense checkpoint (an Orbax root or one step's directory)")
     parser.add_argument("dst", help="new directory for the MoE parameters-only checkpoint")
     parser.add_argument("--ratio", type=float, default=0.5,
@@ -72,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

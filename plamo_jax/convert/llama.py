@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
-from plamo_jax.convert import hf
+from plamo_jax.convert import config_json
+from plamo_jax.errors import ConversionError
 
 ARCHITECTURE = "LlamaForCausalLM"
 MODEL_TYPE = "llama"
@@ -97,7 +98,7 @@ def import_layers(read: Callable[[str], np.ndarray], model_cfg,
             if stacked is None:
                 stacked = np.empty((model_cfg.num_layers, *value.shape), np.float32)
             elif value.shape != stacked.shape[1:]:
-                raise hf.ConversionError(f"tensor {LAYER.format(layer) + hf_name} has shape {value.shape} "
+                raise ConversionError(f"tensor {LAYER.format(layer) + hf_name} has shape {value.shape} "
                                          f"after conversion; layer 0 had {stacked.shape[1:]}")
             stacked[layer] = value
         yield path, stacked
@@ -119,10 +120,10 @@ def import_embeddings(read: Callable[[str], np.ndarray], model_cfg) -> Iterator[
         return
     try:  # some tied checkpoints still store the head; accept it only as an exact copy
         head = read("lm_head.weight")
-    except hf.ConversionError:
+    except ConversionError:
         return
     if not np.array_equal(head, embed):
-        raise hf.ConversionError("config field tie_word_embeddings=true, but lm_head.weight differs from "
+        raise ConversionError("config field tie_word_embeddings=true, but lm_head.weight differs from "
                                  "model.embed_tokens.weight; expected identical tensors or no lm_head.weight")
 
 
@@ -145,22 +146,22 @@ def base_hf_config(model_cfg, architecture: str, model_type: str) -> dict:
         "attention_bias": False,
         "attention_dropout": 0.0,
         "use_cache": True,
-        **hf.rope_config(model_cfg.rope_theta),
+        **config_json.rope_config(model_cfg.rope_theta),
     }
 
 
-# Fields of base_hf_config that model_overrides reads (the rest are generic, see hf.GENERIC_CONFIG_KEYS).
+# Fields of base_hf_config that model_overrides reads (the rest: config_json.GENERIC_CONFIG_KEYS).
 BASE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta",
                "rope_parameters", "rope_scaling", "attention_bias")
 
 
 def base_model_overrides(hf_cfg: Mapping, where: str, default_rope_theta: float) -> dict:
-    hf.require_value(hf_cfg, "hidden_act", ["silu", "swish"], where)
-    hf.require_value(hf_cfg, "attention_bias", [False], where)
+    config_json.require_value(hf_cfg, "hidden_act", ["silu", "swish"], where)
+    config_json.require_value(hf_cfg, "attention_bias", [False], where)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in hf_cfg:
-            raise hf.ConversionError(f"{where}: config field {key} is missing")
+            raise ConversionError(f"{where}: config field {key} is missing")
     num_heads = hf_cfg["num_attention_heads"]
     head_dim = hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // num_heads
     overrides = {
@@ -174,7 +175,7 @@ def base_model_overrides(hf_cfg: Mapping, where: str, default_rope_theta: float)
         "head_dim": int(head_dim),
         "norm_eps": float(hf_cfg.get("rms_norm_eps", 1e-6)),
         "tie_embeddings": bool(hf_cfg.get("tie_word_embeddings", False)),
-        "rope_theta": hf.rope_theta_of(hf_cfg, default_rope_theta, where),
+        "rope_theta": config_json.rope_theta_of(hf_cfg, default_rope_theta, where),
     }
     if "initializer_range" in hf_cfg:
         overrides["init_std"] = float(hf_cfg["initializer_range"])
@@ -184,16 +185,16 @@ def base_model_overrides(hf_cfg: Mapping, where: str, default_rope_theta: float)
 # -- the format protocol ---------------------------------------------------------------------------
 
 def hf_config(model_cfg) -> dict:
-    if model_cfg.family != "dense" or model_cfg.qk_norm:
-        raise hf.ConversionError(f"{ARCHITECTURE} holds dense models without QK-norm; got model.family="
-                                 f"{model_cfg.family!r}, model.qk_norm={model_cfg.qk_norm}")
+    if model_cfg.qk_norm:
+        raise ConversionError(f"{ARCHITECTURE} holds dense models without QK-norm; got model.qk_norm=True "
+                              "(export as Qwen3ForCausalLM instead)")
     return {**base_hf_config(model_cfg, ARCHITECTURE, MODEL_TYPE), "mlp_bias": False, "pretraining_tp": 1}
 
 
 def model_overrides(hf_cfg: dict) -> dict:
     where = f"{ARCHITECTURE} config"
-    hf.check_config_keys(hf_cfg, (*BASE_FIELDS, "mlp_bias"), where)
-    hf.require_value(hf_cfg, "mlp_bias", [False], where)
+    config_json.check_config_keys(hf_cfg, (*BASE_FIELDS, "mlp_bias"), where)
+    config_json.require_value(hf_cfg, "mlp_bias", [False], where)
     return {**base_model_overrides(hf_cfg, where, DEFAULT_ROPE_THETA), "qk_norm": False}
 
 

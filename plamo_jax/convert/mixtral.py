@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator, Mapping
 import ml_collections
 import numpy as np
 
-from plamo_jax.convert import hf, llama
+from plamo_jax.convert import config_json, llama
+from plamo_jax.errors import ConversionError
 
 ARCHITECTURE = "MixtralForCausalLM"
 MODEL_TYPE = "mixtral"
@@ -29,13 +30,11 @@ MOE_FIELDS = ("num_local_experts", "num_experts", "num_experts_per_tok", "router
 
 
 def check_moe_model(model_cfg: ml_collections.ConfigDict, architecture: str) -> None:
-    if model_cfg.family != "moe":
-        raise hf.ConversionError(f"{architecture} holds MoE models; got model.family={model_cfg.family!r}")
     if model_cfg.num_shared_experts:
-        raise hf.ConversionError(f"{architecture} has no shared experts; got model.num_shared_experts="
+        raise ConversionError(f"{architecture} has no shared experts; got model.num_shared_experts="
                                  f"{model_cfg.num_shared_experts}, expected 0")
     if model_cfg.attention_window:
-        raise hf.ConversionError(f"{architecture} export expects full attention; got "
+        raise ConversionError(f"{architecture} export expects full attention; got "
                                  f"model.attention_window={model_cfg.attention_window}, expected 0")
 
 
@@ -62,11 +61,11 @@ def moe_model_overrides(hf_cfg: Mapping, where: str, default_rope_theta: float) 
     """Our model fields from the fields Mixtral and Qwen3-MoE share."""
     local, plain = hf_cfg.get("num_local_experts"), hf_cfg.get("num_experts")
     if local is not None and plain is not None and local != plain:
-        raise hf.ConversionError(f"{where}: config fields num_local_experts={local} and num_experts={plain} "
+        raise ConversionError(f"{where}: config fields num_local_experts={local} and num_experts={plain} "
                                  "disagree")
     num_experts = local if local is not None else plain
     if num_experts is None or "num_experts_per_tok" not in hf_cfg:
-        raise hf.ConversionError(f"{where}: config fields num_local_experts (or num_experts) and "
+        raise ConversionError(f"{where}: config fields num_local_experts (or num_experts) and "
                                  "num_experts_per_tok are required")
     overrides = llama.base_model_overrides(hf_cfg, where, default_rope_theta)
     overrides.update({
@@ -120,7 +119,7 @@ def import_experts(read: Reader, model_cfg, router_name: str,
                 name = llama.LAYER.format(layer) + expert_name(expert, ours)
                 value = read(name).T
                 if value.shape != shape:
-                    raise hf.ConversionError(f"tensor {name} has shape {value.T.shape}; "
+                    raise ConversionError(f"tensor {name} has shape {value.T.shape}; "
                                              f"expected {shape[::-1]}")
                 stacked[layer, expert] = value
         yield f"blocks/mlp/{ours}", stacked
@@ -144,10 +143,10 @@ def mixtral_expert_name(expert: int, ours: str) -> str:
 def hf_config(model_cfg) -> dict:
     check_moe_model(model_cfg, ARCHITECTURE)
     if model_cfg.qk_norm:
-        raise hf.ConversionError(f"{ARCHITECTURE} has no QK-norm; got model.qk_norm=True "
+        raise ConversionError(f"{ARCHITECTURE} has no QK-norm; got model.qk_norm=True "
                                  "(export as Qwen3MoeForCausalLM instead)")
     if not renormalizes_topk(model_cfg):
-        raise hf.ConversionError(f"{ARCHITECTURE} always renormalises the top-k weights; got "
+        raise ConversionError(f"{ARCHITECTURE} always renormalises the top-k weights; got "
                                  "model.router_renormalize=False with model.router_softmax_before_topk=True")
     return {**moe_hf_config(model_cfg, ARCHITECTURE, MODEL_TYPE), "sliding_window": None,
             "router_jitter_noise": 0.0}
@@ -155,9 +154,10 @@ def hf_config(model_cfg) -> dict:
 
 def model_overrides(hf_cfg: dict) -> dict:
     where = f"{ARCHITECTURE} config"
-    hf.check_config_keys(hf_cfg, (*llama.BASE_FIELDS, *MOE_FIELDS, "sliding_window", "router_jitter_noise"),
+    config_json.check_config_keys(hf_cfg, (*llama.BASE_FIELDS, *MOE_FIELDS, "sliding_window",
+                                           "router_jitter_noise"),
                          where)
-    hf.require_value(hf_cfg, "sliding_window", [None], where)
+    config_json.require_value(hf_cfg, "sliding_window", [None], where)
     # router_jitter_noise only perturbs inputs while transformers trains; the model's function is unchanged.
     overrides = moe_model_overrides(hf_cfg, where, DEFAULT_ROPE_THETA)
     overrides.update(expert_mlp_dim=overrides.pop("mlp_dim"), qk_norm=False, router_renormalize=True)

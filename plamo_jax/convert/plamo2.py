@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from plamo_jax.errors import ConversionError
 from plamo_jax.models.hybrid import is_mamba_layer, layer_name
 
 ARCHITECTURE = "Plamo2ForCausalLM"
@@ -43,10 +44,8 @@ _UNUSED_FEATURE_VALUES = {"mamba_enabled": (True,), "n_expert": (None,), "k_expe
 
 
 def _check_compatible(cfg: ml_collections.ConfigDict) -> None:
-    if cfg.family != "hybrid":
-        raise ValueError(f"config key model.family={cfg.family!r}: PLaMo 2 export needs 'hybrid'")
     if cfg.head_dim != cfg.ssm_head_dim:
-        raise ValueError(f"config keys model.head_dim={cfg.head_dim} and "
+        raise ConversionError(f"config keys model.head_dim={cfg.head_dim} and "
                          f"model.ssm_head_dim={cfg.ssm_head_dim}"
                          " must be equal: PLaMo 2 has one hidden_size_per_head for attention and Mamba")
 
@@ -93,7 +92,7 @@ def hf_config(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def model_overrides(hf_config: dict[str, Any]) -> dict[str, Any]:
-    """Our model-config fields from a PLaMo 2 config.json; ValueError names any field we cannot map."""
+    """Our model-config fields from a PLaMo 2 config.json; ConversionError names any field we cannot map."""
     known = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
              "hidden_size_per_head", "intermediate_size", "mamba_d_state", "mamba_d_conv", "mamba_num_heads",
              "mamba_step", "mamba_chunk_size", "attention_window_size", "sliding_window",
@@ -117,7 +116,7 @@ def model_overrides(hf_config: dict[str, Any]) -> dict[str, Any]:
     if missing:
         problems.append(f"missing {missing}")
     if problems:
-        raise ValueError("PLaMo 2 config.json fields that cannot be mapped: " + "; ".join(problems))
+        raise ConversionError("PLaMo 2 config.json fields that cannot be mapped: " + "; ".join(problems))
     step = hf_config.get("mamba_step", 2)
     num_layers = hf_config["num_hidden_layers"]
     attention_layers = [i for i in range(num_layers) if i % step == step // 2]
@@ -195,7 +194,8 @@ def _attention_from_hf(t: dict[str, np.ndarray], cfg) -> dict[str, Any]:
     q_size, kv_size = cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim
     qkv = t["qkv_proj.weight"]
     if qkv.shape != (q_size + 2 * kv_size, d_model):
-        raise ValueError(f"qkv_proj.weight has shape {qkv.shape}; expected {(q_size + 2 * kv_size, d_model)}")
+        raise ConversionError(f"qkv_proj.weight has shape {qkv.shape}; "
+                              f"expected {(q_size + 2 * kv_size, d_model)}")
     q, k, v = np.split(qkv, [q_size, q_size + kv_size], axis=0)
     return {
         "q_proj": q.T.reshape(d_model, cfg.num_heads, head_dim),

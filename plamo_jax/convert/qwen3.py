@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from plamo_jax.convert import hf, llama
+from plamo_jax.convert import config_json, llama
+from plamo_jax.errors import ConversionError
 
 ARCHITECTURE = "Qwen3ForCausalLM"
 MODEL_TYPE = "qwen3"
@@ -17,9 +18,9 @@ DEFAULT_ROPE_THETA = 10000.0  # Qwen3Config's default in transformers 5
 
 
 def hf_config(model_cfg) -> dict:
-    if model_cfg.family != "dense" or not model_cfg.qk_norm:
-        raise hf.ConversionError(f"{ARCHITECTURE} holds dense models with QK-norm; got model.family="
-                                 f"{model_cfg.family!r}, model.qk_norm={model_cfg.qk_norm}")
+    if not model_cfg.qk_norm:
+        raise ConversionError(f"{ARCHITECTURE} holds dense models with QK-norm; got model.qk_norm=False "
+                              "(export as LlamaForCausalLM instead)")
     return {
         **llama.base_hf_config(model_cfg, ARCHITECTURE, MODEL_TYPE),
         "use_sliding_window": False,
@@ -32,11 +33,11 @@ def hf_config(model_cfg) -> dict:
 def model_overrides(hf_cfg: dict) -> dict:
     where = f"{ARCHITECTURE} config"
     own_fields = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
-    hf.check_config_keys(hf_cfg, (*llama.BASE_FIELDS, *own_fields), where)
-    hf.require_value(hf_cfg, "use_sliding_window", [False], where)
+    config_json.check_config_keys(hf_cfg, (*llama.BASE_FIELDS, *own_fields), where)
+    config_json.require_value(hf_cfg, "use_sliding_window", [False], where)
     layer_types = hf_cfg.get("layer_types") or []
     if any(kind != "full_attention" for kind in layer_types):
-        raise hf.ConversionError(f"{where}: config field layer_types={layer_types!r} cannot be mapped; "
+        raise ConversionError(f"{where}: config field layer_types={layer_types!r} cannot be mapped; "
                                  "expected only 'full_attention'")
     return {**llama.base_model_overrides(hf_cfg, where, DEFAULT_ROPE_THETA), "qk_norm": True}
 

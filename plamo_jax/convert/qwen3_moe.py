@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from plamo_jax.convert import hf, llama, mixtral
+from plamo_jax.convert import config_json, llama, mixtral
+from plamo_jax.errors import ConversionError
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 MODEL_TYPE = "qwen3_moe"
@@ -28,7 +29,7 @@ def qwen3_moe_expert_name(expert: int, ours: str) -> str:
 def hf_config(model_cfg) -> dict:
     mixtral.check_moe_model(model_cfg, ARCHITECTURE)
     if not model_cfg.qk_norm:
-        raise hf.ConversionError(f"{ARCHITECTURE} always applies QK-norm; got model.qk_norm=False "
+        raise ConversionError(f"{ARCHITECTURE} always applies QK-norm; got model.qk_norm=False "
                                  "(export as MixtralForCausalLM instead)")
     return {
         **mixtral.moe_hf_config(model_cfg, ARCHITECTURE, MODEL_TYPE),
@@ -45,16 +46,16 @@ def hf_config(model_cfg) -> dict:
 
 def model_overrides(hf_cfg: dict) -> dict:
     where = f"{ARCHITECTURE} config"
-    hf.check_config_keys(hf_cfg, (*llama.BASE_FIELDS, *mixtral.MOE_FIELDS, *FIELDS), where)
-    hf.require_value(hf_cfg, "use_sliding_window", [False], where)
-    hf.require_value(hf_cfg, "mlp_only_layers", [[], None], where)
-    hf.require_value(hf_cfg, "decoder_sparse_step", [1], where)
+    config_json.check_config_keys(hf_cfg, (*llama.BASE_FIELDS, *mixtral.MOE_FIELDS, *FIELDS), where)
+    config_json.require_value(hf_cfg, "use_sliding_window", [False], where)
+    config_json.require_value(hf_cfg, "mlp_only_layers", [[], None], where)
+    config_json.require_value(hf_cfg, "decoder_sparse_step", [1], where)
     layer_types = hf_cfg.get("layer_types") or []
     if any(kind != "full_attention" for kind in layer_types):
-        raise hf.ConversionError(f"{where}: config field layer_types={layer_types!r} cannot be mapped; "
+        raise ConversionError(f"{where}: config field layer_types={layer_types!r} cannot be mapped; "
                                  "expected only 'full_attention'")
     if "moe_intermediate_size" not in hf_cfg:
-        raise hf.ConversionError(f"{where}: config field moe_intermediate_size is missing")
+        raise ConversionError(f"{where}: config field moe_intermediate_size is missing")
     overrides = mixtral.moe_model_overrides(hf_cfg, where, DEFAULT_ROPE_THETA)
     overrides.pop("mlp_dim")  # dense-layer width; no layer is dense
     overrides.update(expert_mlp_dim=int(hf_cfg["moe_intermediate_size"]), qk_norm=True,

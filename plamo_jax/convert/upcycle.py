@@ -18,31 +18,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from plamo_jax.errors import ConfigError
+from plamo_jax.models.moe import check_upcycle_compatible
+
 ROUTER_INIT_STD = 0.02
-# Model fields that must agree between the dense source and the MoE target.
-SHARED_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "qk_norm", "tie_embeddings")
-
-
-def check_compatible(dense_cfg: ml_collections.ConfigDict, moe_cfg: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming the first model field that keeps the dense model from being upcycled."""
-    if dense_cfg.family != "dense":
-        raise ValueError(f"dense config: model.family={dense_cfg.family!r}, expected 'dense'")
-    if moe_cfg.family != "moe":
-        raise ValueError(f"MoE config: model.family={moe_cfg.family!r}, expected 'moe'")
-    for field in SHARED_FIELDS:
-        if dense_cfg[field] != moe_cfg[field]:
-            raise ValueError(f"model.{field} differs: dense {dense_cfg[field]!r}, MoE {moe_cfg[field]!r}")
-    if moe_cfg.expert_mlp_dim != dense_cfg.mlp_dim:
-        raise ValueError(
-            f"MoE config: model.expert_mlp_dim={moe_cfg.expert_mlp_dim}, expected the dense "
-            f"model.mlp_dim={dense_cfg.mlp_dim} (each expert starts as a copy of the dense FFN)"
-        )
-    if moe_cfg.num_shared_experts:
-        raise ValueError(f"MoE config: model.num_shared_experts={moe_cfg.num_shared_experts}; upcycling "
-                         "makes routed experts only, expected 0")
-    if moe_cfg.num_experts < 1:
-        raise ValueError(f"MoE config: model.num_experts={moe_cfg.num_experts}, expected >= 1")
 
 
 def drop_neurons(weight: np.ndarray, neuron_axis: int, indices: np.ndarray,
@@ -75,8 +54,8 @@ def upcycle_params(dense_params: dict[str, Any], dense_model_cfg: ml_collections
                    whole_neurons: bool = True) -> dict[str, Any]:
     """MoE parameter tree (numpy fp32 for new or changed tensors) from a dense one; see module doc."""
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"upcycle ratio={ratio}: expected a fraction in [0, 1]")
-    check_compatible(dense_model_cfg, moe_model_cfg)
+        raise ConfigError(f"upcycle ratio={ratio}: expected a fraction in [0, 1]")
+    check_upcycle_compatible(dense_model_cfg, moe_model_cfg)
     blocks = dense_params["blocks"]
     mlp = blocks["mlp"]
     gate_LDF, up_LDF, down_LFD = (np.asarray(mlp[name], dtype=np.float32) for name in ("gate", "up", "down"))

@@ -24,11 +24,12 @@ import ml_collections
 import numpy as np
 
 from plamo_jax.data.tokenizer import ByteTokenizer, HuggingFaceTokenizer, SentencePieceTokenizer, Tokenizer
+from plamo_jax.errors import ConversionError
 
 _MAX_EXAMPLES = 20
 
 
-class VocabExpansionError(ValueError):
+class VocabExpansionError(ConversionError):
     """Tokenizers or parameters that cannot be expanded as asked; the message says which and why."""
 
 

@@ -15,6 +15,8 @@ import dataclasses
 
 import numpy as np
 
+from plamo_jax.errors import DataError
+
 _PRIME = np.uint64(4294967291)  # largest prime < 2**32: a*x + b stays below 2**64 for a, b, x < p
 _POLY_BASE = np.uint64(0x100000001B3)  # FNV-64 prime; any odd 64-bit multiplier spreads code points
 _WHITESPACE = np.array([c for c in range(0x3001) if chr(c).isspace()], dtype=np.uint32)
@@ -62,7 +64,7 @@ class MinHasher:
     def __post_init__(self) -> None:
         for name in ("ngram", "bands", "rows"):
             if getattr(self, name) < 1:
-                raise ValueError(f"MinHasher.{name}={getattr(self, name)}; expected a positive integer")
+                raise DataError(f"MinHasher.{name}={getattr(self, name)}; expected a positive integer")
         rng = np.random.default_rng(self.seed)
         size = self.bands * self.rows
         object.__setattr__(self, "_a", rng.integers(1, int(_PRIME), size, dtype=np.uint64))

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from plamo_jax.data.errors import DataError
 from plamo_jax.data.lru import LruCache
+from plamo_jax.errors import DataError
 
 _BLOCK_CACHE_SIZE = 4
 

@@ -22,9 +22,10 @@ import bisect
 
 import numpy as np
 
+from plamo_jax.data import batch
 from plamo_jax.data.documents import TokenDocuments
-from plamo_jax.data.errors import DataError
 from plamo_jax.data.lru import LruCache
+from plamo_jax.errors import DataError
 
 PACKING_CHOICES = ("concat", "pad", "fit")
 _EPOCH_CACHE_SIZE = 3
@@ -39,11 +40,9 @@ def row_arrays(
 ) -> dict[str, np.ndarray]:
     """Batch fields from a window of up to seq_len + 1 tokens and the document each token belongs to."""
     real = len(window) - 1
-    input_ids = np.full(seq_len, pad_id, np.int32)
-    target_ids = np.full(seq_len, pad_id, np.int32)
-    segment_ids = np.zeros(seq_len, np.int32)
-    positions = np.zeros(seq_len, np.int32)
-    loss_mask = np.zeros(seq_len, np.float32)
+    row = batch.empty_row(seq_len, pad_id)
+    input_ids, target_ids, loss_mask = row["input_ids"], row["target_ids"], row["loss_mask"]
+    segment_ids, positions = row["segment_ids"], row["positions"]
     if real > 0:
         input_docs = document_ids[:-1]
         input_ids[:real] = window[:-1]
@@ -55,13 +54,7 @@ def row_arrays(
         segment_ids[:real] = np.cumsum(starts)
         start_index = np.flatnonzero(starts)
         positions[:real] = np.arange(real) - start_index[segment_ids[:real] - 1]
-    return {
-        "input_ids": input_ids,
-        "target_ids": target_ids,
-        "segment_ids": segment_ids,
-        "positions": positions,
-        "loss_mask": loss_mask,
-    }
+    return row
 
 
 class PackedRows:

@@ -14,24 +14,22 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
-from plamo_jax.data import shards
-from plamo_jax.data.documents import TokenDocuments, documents_from_texts
-from plamo_jax.data.errors import DataError
+from plamo_jax.data.documents import TokenDocuments
+from plamo_jax.data.formats import TEXT_ONLY, CorpusFormat
 from plamo_jax.data.mixture import MixtureSchedule
 from plamo_jax.data.packing import PACKING_CHOICES, PackedRows
-from plamo_jax.data.sources import ReadReport, check_on_bad_input, iter_documents
+from plamo_jax.data.sources import ReadReport, check_on_bad_input
 from plamo_jax.data.tokenizer import Tokenizer, tokenizer_from_config
+from plamo_jax.errors import DataError
 
-BATCH_KEYS = ("input_ids", "target_ids", "segment_ids", "positions", "loss_mask")
 STATE_VERSION = 1
-FORMAT_CHOICES = ("text", "chat", "preference")
 _ENDLESS_ROWS = 1 << 50  # Grain datasets need a length; no run reads this many rows
 
 
@@ -39,14 +37,14 @@ _ENDLESS_ROWS = 1 << 50  # Grain datasets need a length; no run reads this many 
 class CorpusSpec:
     path: str
     weight: float
-    format: str = ""  # "text" / "chat" from a `text:` / `chat:` prefix; "" = data.format
+    format: str = ""  # from a `<format>:` prefix such as `chat:`; "" = data.format
 
 
-def parse_sources(source: str) -> list[CorpusSpec]:
+def parse_sources(source: str, format_names: Sequence[str] = ()) -> list[CorpusSpec]:
     """`[format:]path[:weight],...` -> specs; a weight defaults to 1, a format to data.format.
 
-    A `chat:` or `text:` prefix mixes formats in one run, e.g. SFT conversations with some
-    pre-training text so the model does not forget it.
+    A prefix naming one of `format_names` (e.g. `chat:`, `text:`) mixes formats in one run, e.g. SFT
+    conversations with some pre-training text so the model does not forget it.
     """
     specs = []
     for item in (part.strip() for part in source.split(",")):
@@ -63,16 +61,23 @@ def parse_sources(source: str) -> list[CorpusSpec]:
         if not (weight > 0 and math.isfinite(weight)):
             raise DataError(f"data.source entry {item!r} has weight {weight}; expected a finite number > 0")
         corpus_format = ""
-        for prefix in ("text", "chat"):
+        for prefix in format_names:
             if path.startswith(prefix + ":"):
                 corpus_format, path = prefix, path[len(prefix) + 1 :]
         specs.append(CorpusSpec(path=path, weight=weight, format=corpus_format))
     return specs
 
 
-def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
+def validate_data_config(data_config: ml_collections.ConfigDict,
+                         formats: Mapping[str, CorpusFormat] = TEXT_ONLY) -> None:
     """Check every data key once at start; errors name the key, the value and what was expected."""
-    specs = parse_sources(data_config.source)
+    validate_reading(data_config)
+    for spec in parse_sources(data_config.source, tuple(formats)):
+        corpus_format(spec, data_config, formats).validate(data_config)
+
+
+def validate_reading(data_config: ml_collections.ConfigDict) -> None:
+    """The keys every reader uses, whatever the format."""
     check_on_bad_input(data_config.on_bad_input)
     if data_config.packing not in PACKING_CHOICES:
         raise DataError(f"data.packing={data_config.packing!r}; expected one of {PACKING_CHOICES}")
@@ -81,16 +86,15 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
             raise DataError(f"data.{key}={data_config[key]}; expected >= 1")
     if int(data_config.worker_count) < 0:
         raise DataError(f"data.worker_count={data_config.worker_count}; expected >= 0")
-    if not data_config.text_field:
-        raise DataError("data.text_field is empty; expected the name of the text field")
-    if data_config.format not in FORMAT_CHOICES:
-        raise DataError(f"data.format={data_config.format!r}; expected one of {FORMAT_CHOICES}")
-    if data_config.format in ("chat", "preference") or any(spec.format == "chat" for spec in specs):
-        from plamo_jax.posttrain.sft import chat_template
 
-        chat_template(data_config.chat_template)
-        if not data_config.messages_field:
-            raise DataError("data.messages_field is empty; expected the name of the messages field")
+
+def corpus_format(spec: CorpusSpec, data_config: ml_collections.ConfigDict,
+                  formats: Mapping[str, CorpusFormat]) -> CorpusFormat:
+    name = spec.format or data_config.format
+    if name not in formats:
+        raise DataError(f"data.format={name!r} for data.source entry {spec.path!r}; expected one of "
+                        f"{tuple(formats)} here")
+    return formats[name]
 
 
 @dataclasses.dataclass
@@ -101,61 +105,10 @@ class Corpus:
     description: str
 
 
-def load_corpus(spec: CorpusSpec, tokenizer: Tokenizer, data_config: ml_collections.ConfigDict) -> Corpus:
-    """A tokenized corpus directory (memory-mapped) or raw files / `builtin` (tokenized here)."""
-    if (spec.format or data_config.format) == "chat":
-        from plamo_jax.posttrain.sft import chat_documents
-
-        report = ReadReport()
-        documents = chat_documents(spec.path, tokenizer, data_config, report)
-        if documents.num_documents == 0:
-            raise DataError(f"data.source entry {spec.path!r} yielded no conversations: {report.summary()}")
-        return Corpus(spec, documents, report, f"{spec.path} ({report.summary()}, chat)")
-    if spec.path.startswith("seqio:"):
-        from plamo_jax.data.seqio_source import seqio_documents
-
-        documents = seqio_documents(
-            spec.path.removeprefix("seqio:"),
-            tokenizer,
-            add_bos=data_config.add_bos,
-            feature=data_config.text_field,
-        )
-        return Corpus(spec, documents, ReadReport(documents=documents.num_documents), spec.path)
-    path = Path(spec.path)
-    if path.is_dir() and (path / shards.MANIFEST).is_file():
-        documents, manifest = shards.open_token_shards(path)
-        _check_manifest(path, manifest, tokenizer, data_config)
-        report = ReadReport(**manifest.get("read_report", {}))
-        return Corpus(spec, documents, report, f"{path} ({manifest['documents']} tokenized documents)")
-    if path.is_dir() and any(path.glob("shard-*.tokens.npy")):
-        raise DataError(
-            f"data.source entry {spec.path!r} holds token shards but no {shards.MANIFEST}: an unfinished "
-            "tokenize_corpus run; re-run it to completion"
-        )
-    report = ReadReport()
-    texts = iter_documents(
-        [spec.path], text_field=data_config.text_field, on_bad_input=data_config.on_bad_input, report=report
-    )
-    documents = documents_from_texts(texts, tokenizer, data_config.add_bos)
-    if documents.num_documents == 0:
-        raise DataError(f"data.source entry {spec.path!r} yielded no documents: {report.summary()}")
-    return Corpus(spec, documents, report, f"{spec.path} ({report.summary()})")
-
-
-def _check_manifest(
-    path: Path, manifest: dict, tokenizer: Tokenizer, data_config: ml_collections.ConfigDict
-) -> None:
-    if manifest["tokenizer_fingerprint"] != tokenizer.fingerprint():
-        raise DataError(
-            f"{str(path)!r} was tokenized with {manifest['tokenizer']!r} "
-            f"({manifest['tokenizer_fingerprint']}) but data.tokenizer={data_config.tokenizer!r} "
-            f"is {tokenizer.fingerprint()}; expected the same tokenizer"
-        )
-    if bool(manifest["add_bos"]) != bool(data_config.add_bos):
-        raise DataError(
-            f"{str(path)!r} was tokenized with add_bos={manifest['add_bos']} but data.add_bos="
-            f"{data_config.add_bos}; expected the same (re-run tokenize_corpus or change data.add_bos)"
-        )
+def load_corpus(spec: CorpusSpec, tokenizer: Tokenizer, data_config: ml_collections.ConfigDict,
+                formats: Mapping[str, CorpusFormat] = TEXT_ONLY) -> Corpus:
+    read = corpus_format(spec, data_config, formats).read(spec.path, tokenizer, data_config)
+    return Corpus(spec, read.documents, read.report, read.description)
 
 
 class GlobalRows:
@@ -252,14 +205,15 @@ class PackingStats:
 
 def _mark_absl_flags_parsed() -> None:
     """Grain's worker processes read absl flags; a launcher that does not use absl never parsed them."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
-    """This process' rows of each global batch; state is the number of global rows consumed."""
+    """This process' rows of each global batch; state is the number of global rows consumed.
+
+    formats: the corpus formats this iterator may read (default: plain text only).
+    """
 
     def __init__(
         self,
@@ -270,8 +224,10 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         seed: int,
         process_index: int = 0,
         process_count: int = 1,
+        formats: Mapping[str, CorpusFormat] = TEXT_ONLY,
     ):
-        validate_data_config(data_config)
+        self.formats = dict(formats)
+        self._validate(data_config)
         if global_batch_size < 1 or process_count < 1 or global_batch_size % process_count:
             raise DataError(
                 f"train.global_batch_size={global_batch_size} must be a positive multiple of the "
@@ -294,10 +250,14 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self.packing_stats = PackingStats(rows_per_corpus=[0] * self.corpus_count)
         self._iterator: Iterator | None = None
 
+    def _validate(self, data_config: ml_collections.ConfigDict) -> None:
+        validate_data_config(data_config, self.formats)
+
     def _load_rows(self):
         """Read the corpora; the global row index -> batch fields mapping the batches are cut from."""
         config = self.data_config
-        self.corpora = [load_corpus(spec, self.tokenizer, config) for spec in parse_sources(config.source)]
+        self.corpora = [load_corpus(spec, self.tokenizer, config, self.formats)
+                        for spec in parse_sources(config.source, tuple(self.formats))]
         pad_id = self.tokenizer.pad_id
         return GlobalRows(self.corpora, config, seq_len=self.seq_len, seed=self.seed, pad_id=pad_id)
 
@@ -432,29 +392,3 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         iterator, self._iterator = self._iterator, None
         if iterator is not None and hasattr(iterator, "close"):
             iterator.close()
-
-
-def make_train_iterator(
-    data_config: ml_collections.ConfigDict,
-    *,
-    seq_len: int,
-    global_batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> TrainIterator:
-    """This process' iterator over batches of [global_batch_size // process_count, seq_len] arrays."""
-    if data_config.format == "preference":
-        from plamo_jax.posttrain.preference_data import PreferenceIterator
-
-        iterator_class = PreferenceIterator
-    else:
-        iterator_class = TrainIterator
-    return iterator_class(
-        data_config,
-        seq_len=seq_len,
-        global_batch_size=global_batch_size,
-        seed=seed,
-        process_index=process_index,
-        process_count=process_count,
-    )

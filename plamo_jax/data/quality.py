@@ -32,6 +32,7 @@ import tqdm
 
 from plamo_jax.data.minhash import MinHasher, NearDuplicateIndex, char_ngram_hashes, code_points
 from plamo_jax.data.sources import JSONL_SUFFIXES, ReadReport, check_on_bad_input, list_input_files
+from plamo_jax.errors import DataError
 
 TOP_NGRAM_SIZES = (2, 3, 4)
 DUPLICATE_NGRAM_SIZES = (5, 6, 7, 8, 9, 10)
@@ -82,12 +83,12 @@ class QualitySettings:
     normalize_punctuation: bool = True
 
     def with_overrides(self, overrides: dict[str, str], flag: str = "--set") -> QualitySettings:
-        """A copy with `name=value` strings applied; unknown names or unparsable values raise ValueError."""
+        """A copy with `name=value` strings applied; unknown names or unparsable values raise DataError."""
         fields = {field.name: field for field in dataclasses.fields(self)}
         changes: dict[str, object] = {}
         for name, raw in overrides.items():
             if name not in fields:
-                raise ValueError(f"{flag} {name}={raw}: unknown setting; expected one of {sorted(fields)}")
+                raise DataError(f"{flag} {name}={raw}: unknown setting; expected one of {sorted(fields)}")
             kind = type(getattr(self, name))
             try:
                 if kind is bool:
@@ -97,7 +98,7 @@ class QualitySettings:
                 else:
                     changes[name] = kind(raw)
             except ValueError:
-                raise ValueError(f"{flag} {name}={raw}: expected a value of type {kind.__name__}") from None
+                raise DataError(f"{flag} {name}={raw}: expected a value of type {kind.__name__}") from None
         return dataclasses.replace(self, **changes)
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from plamo_jax.data.documents import TokenDocuments, documents_from_token_lists, frame_document
-from plamo_jax.data.errors import DataError
 from plamo_jax.data.tokenizer import Tokenizer, encode_to_array
+from plamo_jax.errors import DataError
 
 SEQIO_EXTRA = "seqio"
 MISSING_SEQIO_MESSAGE = (

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from plamo_jax.data.documents import DocumentPart, TokenDocuments
-from plamo_jax.data.errors import DataError
+from plamo_jax.errors import DataError
 
 FORMAT = "plamo_jax.token_shards.v1"
 MANIFEST = "manifest.json"

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from plamo_jax.data.errors import DataError
+from plamo_jax.errors import DataError
 
 BUILTIN_CORPUS = Path(__file__).parent / "corpus" / "builtin.jsonl"
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")

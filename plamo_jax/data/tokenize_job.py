@@ -22,9 +22,9 @@ import numpy as np
 
 from plamo_jax.data import shards
 from plamo_jax.data.documents import frame_document
-from plamo_jax.data.errors import DataError
 from plamo_jax.data.sources import ReadReport, check_on_bad_input, list_input_files, read_file_documents
 from plamo_jax.data.tokenizer import Tokenizer, encode_to_array, load_tokenizer
+from plamo_jax.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

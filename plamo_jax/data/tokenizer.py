@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from plamo_jax.data.errors import DataError
+from plamo_jax.errors import DataError
 
 
 @runtime_checkable

@@ -11,8 +11,8 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from plamo_jax.data.errors import DataError
 from plamo_jax.data.sources import ReadReport, iter_documents
+from plamo_jax.errors import DataError
 
 MODEL_TYPES = ("bpe", "unigram")
 SPECIAL_IDS = {"pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3}

@@ -23,24 +23,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import AbstractMesh
+from jax.sharding import AbstractMesh, Mesh
 
-from plamo_jax.configuration import ConfigError, mesh_rules, validate_config
-from plamo_jax.models import moe as moe_lib
-from plamo_jax.models import registry
+from plamo_jax.data import batch as batch_layout
+from plamo_jax.errors import ConfigError
+from plamo_jax.models import kernels
 from plamo_jax.models.decoder import REMAT_POLICIES
-from plamo_jax.parallel.mesh import make_mesh, resolve_axis_sizes
+from plamo_jax.models.family import FamilySpec
 from plamo_jax.parallel.rules import MESH_AXES, Rules, logical_to_spec, sharding_context
 from plamo_jax.train import state as state_lib
-from plamo_jax.train.optimizer import make_optimizer
-from plamo_jax.train.step import BATCH_KEYS
+from plamo_jax.train.run import Run, build_run
 
 GIB = 2**30
 SAFETY_FRACTION = 0.8  # Fujii et al.: no run whose estimate was <= 80% of device memory ran out of memory
@@ -58,7 +57,6 @@ DEVICE_MEMORY_GIB: dict[str, float] = {
     "v6e": 32.0,
 }
 FP32_BYTES = 4
-INPUT_BYTES = 4  # every batch array (ids, segment ids, positions, loss mask) is int32 or float32
 TRAIN_STATE_SCALAR_BYTES = 4 + 8  # the state's int32 step and uint32[2] RNG key, replicated
 COMMUNICATOR_BYTES = 0.5e9  # Fujii et al.: about 0.5 GB of NCCL buffers per communicator
 
@@ -166,7 +164,7 @@ def device_memory_bytes(device: str | None, memory_gib: float | None = None) -> 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    mesh: AbstractMesh
+    mesh: AbstractMesh | Mesh
     rules: Rules
 
     def divisor(self, logical_name: str | None) -> int:
@@ -185,12 +183,6 @@ class Layout:
 def _axes_size(entry, mesh: AbstractMesh, dropped: Sequence[str]) -> int:
     axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
     return math.prod(mesh.shape[a] for a in axes if a not in dropped)
-
-
-def make_layout(config: ml_collections.ConfigDict, num_devices: int) -> Layout:
-    ici, dcn = resolve_axis_sizes(config.mesh, num_devices)
-    sizes = tuple(ici[a] * dcn[a] for a in MESH_AXES)
-    return Layout(AbstractMesh(sizes, MESH_AXES), mesh_rules(config))
 
 
 def shard_elements(shape: Sequence[int], logical_axes, layout: Layout, dropped: Sequence[str] = ()) -> int:
@@ -220,8 +212,8 @@ class _ParameterShard:
     module: str  # top-level key: "blocks", "embed", "lm_head", "final_norm"
 
 
-def parameter_bytes(config: ml_collections.ConfigDict, layout: Layout, num_blocks: int) -> ParameterBytes:
-    _, abstract_params, logical = state_lib.abstract_model(config.model)
+def parameter_bytes(run: Run, layout: Layout, num_blocks: int) -> ParameterBytes:
+    abstract_params, logical = run.setup.abstract_params, run.setup.logical_axes
     expert_axes = tuple(layout.rules.get("expert") or ())
 
     def shard(path, leaf, axes) -> _ParameterShard:
@@ -235,7 +227,7 @@ def parameter_bytes(config: ml_collections.ConfigDict, layout: Layout, num_block
 
     shards = jax.tree_util.tree_map_with_path(shard, abstract_params, logical)
     leaves = jax.tree.leaves(shards)
-    optimizer = make_optimizer(config.optimizer, config.train.steps)
+    optimizer = run.optimizer
     opt_bytes = optax.tree_map_params(
         optimizer, lambda leaf, p: p.stored * leaf.dtype.itemsize,
         jax.eval_shape(optimizer.init, abstract_params), shards,
@@ -275,25 +267,13 @@ def nbytes(avals: Sequence[jax.ShapeDtypeStruct]) -> float:
     return float(sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in avals))
 
 
-@contextlib.contextmanager
-def accelerator_expert_kernels() -> Iterator[None]:
-    """Trace MoE experts with the ragged grouped matmuls that GPUs/TPUs run, not the CPU fallback."""
-    original = moe_lib.grouped_swiglu
-    moe_lib.grouped_swiglu = moe_lib.ragged_swiglu
-    try:
-        yield
-    finally:
-        moe_lib.grouped_swiglu = original
-
-
-def local_model_config(model_cfg: ml_collections.ConfigDict, layout: Layout) -> ml_collections.ConfigDict:
-    """The model as one device computes it: head, MLP and SSM-head counts divided by their shards."""
+def local_model_config(model_cfg: ml_collections.ConfigDict, family: FamilySpec,
+                       layout: Layout) -> ml_collections.ConfigDict:
+    """The model as one device computes it: the widths tensor parallelism splits (the family's
+    activation_shards: heads, MLP, SSM heads, ...) divided by their shards."""
     local = ml_collections.ConfigDict(model_cfg.to_dict())
-    local.num_heads = layout.local(model_cfg.num_heads, "act_heads")
-    local.num_kv_heads = layout.local(model_cfg.num_kv_heads, "act_kv_heads")
-    local.mlp_dim = layout.local(model_cfg.mlp_dim, "act_mlp")
-    local.expert_mlp_dim = layout.local(model_cfg.expert_mlp_dim, "act_mlp")
-    local.ssm_num_heads = layout.local(model_cfg.ssm_num_heads, "act_ssm_heads")
+    for key, logical_name in family.activation_shards.items():
+        local[key] = layout.local(model_cfg[key], logical_name)
     return local
 
 
@@ -301,11 +281,11 @@ def local_model_config(model_cfg: ml_collections.ConfigDict, layout: Layout) -> 
 class BlockActivations:
     residuals: dict[str, float]  # bytes of one block's residuals per remat policy
     cotangents: float  # the two largest residuals again: gradients live next to their primals
-    family_part: float  # residuals of the SSM mixers / MoE MLP within one block (remat none)
+    family_part: float  # residuals of the family's own part (SSM mixers, MoE MLP) of a block (remat none)
 
 
-def block_activations(local_cfg: ml_collections.ConfigDict, batch: int, length: int, length_shards: int = 1,
-                      host_kernels: bool = False) -> BlockActivations:
+def block_activations(family: FamilySpec, local_cfg: ml_collections.ConfigDict, batch: int, length: int,
+                      length_shards: int = 1, host_kernels: bool = False) -> BlockActivations:
     """Residuals of one scanned block on one device's shapes, for each remat policy.
 
     With sequence parallelism each device keeps 1 / `length_shards` of every residual, attention
@@ -314,23 +294,25 @@ def block_activations(local_cfg: ml_collections.ConfigDict, batch: int, length: 
     host_kernels: trace the MoE expert kernels this process would compile (the CPU fallback on a CPU
     host), for comparing with a compile here; by default those that GPUs and TPUs run.
     """
-    family = registry.get_family(local_cfg.family)
-    block = nnx.eval_shape(lambda: family.block_class()(local_cfg, rngs=nnx.Rngs(0)))
+    block = nnx.eval_shape(lambda: family.block(local_cfg, rngs=nnx.Rngs(0)))
     x = jax.ShapeDtypeStruct((batch, length, local_cfg.d_model), jnp.dtype(local_cfg.dtype))
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     whole = [(block, lambda b, h, seg: b(h, seg, seg, jnp.int32(0))[0])]
     residuals, largest = {}, 0.0
-    kernels = contextlib.nullcontext() if host_kernels else accelerator_expert_kernels()
-    with kernels:
+    # By default trace the kernels GPUs / TPUs run (e.g. ragged grouped matmuls), not a CPU fallback.
+    traced = contextlib.nullcontext() if host_kernels else kernels.kernels_for("tpu")
+    with traced:
         for name, policy in REMAT_POLICIES.items():
             avals = module_residuals(whole, x, ids, policy)
             residuals[name] = nbytes(avals) / length_shards
             if name == "none":
                 largest = sum(sorted((nbytes([a]) for a in avals), reverse=True)[:2]) / length_shards
-        family_part = nbytes(module_residuals(_family_parts(block, local_cfg), x, ids, None))
+        parts = family.memory_part.select(block) if family.memory_part is not None else []
+        family_part = nbytes(module_residuals(parts, x, ids, None))
     # Keys and values after the gather (rotated keys and values feed the score and output einsums).
     kv_bytes = 2 * batch * length * local_cfg.num_kv_heads * local_cfg.head_dim * x.dtype.itemsize
-    residuals["none"] += _attention_layers(block, local_cfg) * kv_bytes * (1 - 1 / length_shards)
+    attention_layers = family.attention_layers_per_block(local_cfg)
+    residuals["none"] += attention_layers * kv_bytes * (1 - 1 / length_shards)
     return BlockActivations(residuals, largest, family_part / length_shards)
 
 
@@ -348,51 +330,15 @@ def module_residuals(parts, x, ids, policy) -> list[jax.ShapeDtypeStruct]:
     return found
 
 
-def _attention_layers(block, local_cfg) -> int:
-    if local_cfg.family == "hybrid":
-        return sum(not layer.is_mamba for layer in block.layers)
-    return 1
-
-
-def _family_parts(block, local_cfg):
-    """The Mamba mixers (hybrid) or the MoE MLP (moe) of one block; none for dense."""
-    if local_cfg.family == "hybrid":
-        return [(layer.mixer, lambda m, h, seg: m(h, seg)) for layer in block.layers if layer.is_mamba]
-    if local_cfg.family == "moe":
-        return [(block.mlp, lambda m, h, seg: m(h)[0])]
-    return []
-
-
-def moe_dispatch_bytes(model_cfg, layout: Layout, tokens_per_device: int) -> float:
-    """All-to-all buffers of one MoE block beyond the single-shard computation that the trace covers.
-
-    Each device sends a [shards, slots, d_model] buffer, receives one, runs the experts on every
-    received row and sends the results back (see models/moe.py `expert_parallel_moe`).
-    """
-    shards = layout.divisor("expert")
-    if model_cfg.family != "moe" or shards == 1:
-        return 0.0
-    dtype_bytes = jnp.dtype(model_cfg.dtype).itemsize
-    assignments = tokens_per_device * model_cfg.num_experts_per_token
-    slots = assignments
-    if model_cfg.capacity_factor > 0:
-        global_tokens = tokens_per_device * layout.divisor("act_batch") * layout.divisor("act_length")
-        capacity = moe_lib.expert_capacity(global_tokens, model_cfg.num_experts_per_token,
-                                           model_cfg.num_experts, model_cfg.capacity_factor)
-        slots = min(slots, capacity * (model_cfg.num_experts // shards))
-    buffers = 3 * shards * slots * model_cfg.d_model  # send, receive, send back
-    extra_rows = shards * slots - assignments  # rows the experts process beyond this device's own
-    expert_width = layout.local(model_cfg.expert_mlp_dim, "act_mlp")
-    return float(dtype_bytes * (buffers + extra_rows * (2 * model_cfg.d_model + 3 * expert_width)))
-
-
 # ---------------------------------------------------------------------------------------- estimate
 
 
-def megatron_estimate(config: ml_collections.ConfigDict, layout: Layout) -> MegatronEstimate | None:
-    """Fujii et al.'s formula (bf16 activations, flash attention, sequence parallel) for dense models."""
+def megatron_estimate(run: Run, layout: Layout) -> MegatronEstimate | None:
+    """Fujii et al.'s formula (bf16 activations, flash attention, sequence parallel), for the families
+    it describes (dense decoders)."""
+    config = run.config
     m = config.model
-    if m.family != "dense":
+    if not run.family.megatron_formula:
         return None
     shape = layout.mesh.shape
     h, ffn, layers, vocab = m.d_model, m.mlp_dim, m.num_layers, m.vocab_size
@@ -415,12 +361,12 @@ def estimate_memory(config: ml_collections.ConfigDict, num_devices: int, *, devi
     device / device_memory_gib: the accelerator whose memory the 80% rule uses (table or explicit size).
     host_kernels: see `block_activations` (True only to compare with a compile on this host).
     """
-    validate_config(config, num_devices)
+    run = build_run(config, num_devices=num_devices)
     device_name, device_memory = device_memory_bytes(device, device_memory_gib)
     m, train = config.model, config.train
-    layout = make_layout(config, num_devices)
-    num_blocks = registry.get_family(m.family).num_blocks(m)
-    params = parameter_bytes(config, layout, num_blocks)
+    layout = Layout(run.mesh, run.rules)
+    num_blocks = run.family.num_blocks(m)
+    params = parameter_bytes(run, layout, num_blocks)
     fp32_shards = params.stored_bytes
     items = [
         MemoryItem("parameters", fp32_shards, f"fp32, {format_count(params.count)}, sharded by rules"),
@@ -431,35 +377,39 @@ def estimate_memory(config: ml_collections.ConfigDict, num_devices: int, *, devi
     if train.microbatches > 1:
         items.append(MemoryItem("gradient accumulation", fp32_shards,
                                 f"fp32 running sum over {train.microbatches} microbatches"))
-    if train.objective == "dpo":
-        items.append(MemoryItem("DPO reference parameters", fp32_shards,
-                                "frozen fp32 copy of the starting checkpoint, sharded like the parameters"))
-    items += activation_items(config, layout, params, num_blocks, host_kernels)
+    copies = run.objective.frozen_copies
+    if copies:
+        items.append(MemoryItem("frozen parameters", copies * fp32_shards,
+                                f"{copies} frozen fp32 copy(ies) of train.objective={run.objective.name!r}, "
+                                "sharded like the parameters"))
+    items += activation_items(run, layout, params, num_blocks, host_kernels)
     mesh_sizes = {axis: int(layout.mesh.shape[axis]) for axis in MESH_AXES}
     return MemoryEstimate(config.get("name", "config"), num_devices, mesh_sizes, m.remat, tuple(items),
-                          device_name, device_memory, megatron_estimate(config, layout))
+                          device_name, device_memory, megatron_estimate(run, layout))
 
 
-def activation_items(config, layout: Layout, params: ParameterBytes, num_blocks: int,
+def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_blocks: int,
                      host_kernels: bool) -> list[MemoryItem]:
     """Everything that scales with the batch: inputs, residuals, working sets, logits.
 
-    DPO runs each pair's chosen and rejected sequences as two rows of one forward pass (the
-    reference's forward keeps no residuals, so the policy's working set bounds it).
+    An objective that scores several sequences per example (DPO: chosen and rejected) runs them as
+    rows of one forward pass; a frozen model's forward (DPO's reference) keeps no residuals, so the
+    policy's working set bounds it.
     """
+    config, family, objective = run.config, run.family, run.objective
     m, train = config.model, config.train
     dtype_bytes = jnp.dtype(m.dtype).itemsize
-    sequences = train.global_batch_size * (2 if train.objective == "dpo" else 1)
-    rows = -(-sequences // layout.divisor("act_batch"))
+    examples = -(-train.global_batch_size // layout.divisor("act_batch"))
+    rows = examples * objective.sequences_per_example
     batch = -(-rows // train.microbatches)
     length = layout.local(train.seq_len, "act_length")
     tokens = batch * length
-    blocks = block_activations(local_model_config(m, layout), batch, train.seq_len,
+    blocks = block_activations(family, local_model_config(m, family, layout), batch, train.seq_len,
                                layout.divisor("act_length"), host_kernels)
     saved = blocks.residuals[m.remat]
     carry = dtype_bytes * tokens * m.d_model  # the scan keeps every block's input
     recompute = blocks.residuals["none"] - saved
-    dispatch = moe_dispatch_bytes(m, layout, tokens)
+    dispatch = family.dispatch_bytes(m, layout.divisor, tokens)
     dispatch_saved = dispatch if m.remat == "none" else 0.0
     # FSDP all-gathers one block's weights (in compute dtype) and reduce-scatters its fp32 gradients;
     # without FSDP only a bf16 cast is made, and fp32 weights are used in place.
@@ -469,18 +419,17 @@ def activation_items(config, layout: Layout, params: ParameterBytes, num_blocks:
     local_vocab = layout.local(m.vocab_size, "act_vocab")
     logits = tokens * local_vocab * (2 * FP32_BYTES + dtype_bytes * (dtype_bytes != FP32_BYTES))
     logits += tokens * m.d_model * dtype_bytes  # final norm output, kept for the head's weight gradient
+    input_bytes = sum(batch_layout.dtype_of(key).itemsize for key in objective.batch_keys) * examples * length
     items = [
-        MemoryItem("input batch", INPUT_BYTES * len(BATCH_KEYS) * rows * length,
-                   "ids, targets, segment ids, positions, loss mask"),
+        MemoryItem("input batch", input_bytes, f"{', '.join(batch_layout.FIELDS)} per sequence"),
         MemoryItem("activations saved for backward", num_blocks * (saved + carry + dispatch_saved),
                    f"{num_blocks} blocks x ({format_bytes(saved)} residuals under remat {m.remat!r} + "
                    f"{format_bytes(carry)} scan carry)"),
     ]
-    if blocks.family_part:
-        label, part = (("SSM state, conv and chunk buffers", "Mamba mixers") if m.family == "hybrid"
-                       else ("MoE router and experts", "MoE MLP"))
+    if blocks.family_part and family.memory_part is not None:
         where = "saved in every block" if m.remat == "none" else "part of the working set"
-        items.append(MemoryItem(label, blocks.family_part, f"one block's {part}, {where}", counted=False))
+        items.append(MemoryItem(family.memory_part.label, blocks.family_part,
+                                f"one block's {family.memory_part.what}, {where}", counted=False))
     if dispatch:
         items.append(MemoryItem("MoE all-to-all dispatch buffers", dispatch,
                                 f"one block, {layout.divisor('expert')} expert shards; "
@@ -518,33 +467,9 @@ class XlaMemory:
 
 def xla_memory(config: ml_collections.ConfigDict, devices: Sequence | None = None) -> XlaMemory:
     """Compile the real train step abstractly for `devices` and read XLA's per-device memory analysis."""
-    devices = list(devices if devices is not None else jax.devices())
-    validate_config(config, len(devices))
-    mesh = make_mesh(config.mesh, devices)
-    rules = mesh_rules(config)
-    setup = state_lib.setup_model(config.model, mesh, rules)
-    optimizer = make_optimizer(config.optimizer, config.train.steps)
-    batch_sharding = state_lib.batch_sharding(mesh, rules)
-    dpo = config.train.objective == "dpo"
-    if dpo:
-        from plamo_jax.posttrain.dpo import jit_dpo_step
-        from plamo_jax.posttrain.preference_data import BATCH_KEYS as keys
-
-        step = jit_dpo_step(config, setup, optimizer)
-    else:
-        step, keys = state_lib.jit_train_step(config, setup, optimizer), BATCH_KEYS
-
-    def abstract(shape, dtype, sharding):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-    shape = (config.train.global_batch_size, config.train.seq_len)
-    batch = {key: abstract(shape, jnp.float32 if key.endswith("loss_mask") else jnp.int32, batch_sharding)
-             for key in keys}
-    arguments = [state_lib.abstract_state(setup, optimizer), batch]
-    if dpo:  # the frozen reference parameters
-        arguments.append(jax.tree.map(lambda leaf, sharding: abstract(leaf.shape, leaf.dtype, sharding),
-                                      setup.abstract_params, setup.param_shardings))
-    with sharding_context(mesh, rules):
-        analysis = step.lower(*arguments).compile().memory_analysis()
+    run = build_run(config, list(devices if devices is not None else jax.devices()))
+    with sharding_context(run.mesh, run.rules):
+        lowered = run.step.lower(run.abstract_state(), run.abstract_batch(), run.abstract_frozen())
+        analysis = lowered.compile().memory_analysis()
     return XlaMemory(analysis.argument_size_in_bytes, analysis.output_size_in_bytes,
                      analysis.alias_size_in_bytes, analysis.temp_size_in_bytes)

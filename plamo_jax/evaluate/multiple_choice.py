@@ -13,18 +13,20 @@ import json
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from plamo_jax.data.errors import DataError
+from plamo_jax.data import batch as batch_layout
 from plamo_jax.data.packing import row_arrays
 from plamo_jax.data.tokenizer import Tokenizer, encode_to_array
+from plamo_jax.errors import DataError
 from plamo_jax.parallel.rules import sharding_context
-from plamo_jax.posttrain.dpo import response_log_probs
 from plamo_jax.posttrain.sft import CHAT_TEMPLATES, builtin_turns
 from plamo_jax.train import state as state_lib
+from plamo_jax.train.losses import sequence_log_probs
 from plamo_jax.train.metrics import Progress
+from plamo_jax.train.run import ModelRun
+from plamo_jax.train.step import forward
 
 BUILTIN_CHOICE = "builtin_choice"
 
@@ -81,8 +83,7 @@ def choice_row(context: np.ndarray, choice: np.ndarray, seq_len: int, pad_id: in
 
 
 def evaluate_multiple_choice(
-    config: ml_collections.ConfigDict,
-    setup: state_lib.ModelSetup,
+    run: ModelRun,
     params,
     tokenizer: Tokenizer,
     source: str,
@@ -90,6 +91,7 @@ def evaluate_multiple_choice(
     seq_len: int,
     batch_size: int,
 ) -> dict:
+    config = run.config
     examples = read_examples(source)
     rows, owners = [], []
     for index, example in enumerate(examples):
@@ -100,19 +102,20 @@ def evaluate_multiple_choice(
             rows.append(choice_row(context, encode_to_array(tokenizer, choice), seq_len, tokenizer.pad_id))
             owners.append((index, choice_index))
     padding = -len(rows) % batch_size
-    rows.extend([{key: np.zeros_like(value) for key, value in rows[0].items()}] * padding)
+    rows.extend([batch_layout.empty_row(seq_len, tokenizer.pad_id)] * padding)
 
-    batch_sharding = state_lib.batch_sharding(setup.mesh, setup.rules)
-    score = jax.jit(
-        lambda params, batch: response_log_probs(setup.graphdef, params, batch)[0],
-        in_shardings=(setup.param_shardings, batch_sharding),
-    )
+    def choice_log_probs(params, batch):
+        logits, _ = forward(run.setup.graphdef, params, batch)
+        return sequence_log_probs(logits, batch["target_ids"], batch["loss_mask"])[0]
+
+    batch_sharding = run.batch_sharding
+    score = jax.jit(choice_log_probs, in_shardings=(run.setup.param_shardings, batch_sharding))
     # Every process builds all rows and passes its slice of each batch (the trainer's layout).
     local_rows = batch_size // jax.process_count()
     first_local = jax.process_index() * local_rows
     log_probs = []
     progress = Progress(0, len(rows) // batch_size, enabled=jax.process_index() == 0)
-    with sharding_context(setup.mesh, setup.rules):
+    with sharding_context(run.mesh, run.rules):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start + first_local : start + first_local + local_rows]
             local = {key: np.stack([row[key] for row in chunk]) for key in chunk[0]}

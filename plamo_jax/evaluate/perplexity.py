@@ -13,15 +13,15 @@ import dataclasses
 import math
 
 import jax
-import ml_collections
 import numpy as np
 
-from plamo_jax.data.errors import DataError
-from plamo_jax.data.pipeline import make_train_iterator, parse_sources
+from plamo_jax.data.pipeline import parse_sources
+from plamo_jax.errors import DataError
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.metrics import Progress
-from plamo_jax.train.step import model_loss_sums
+from plamo_jax.train.objectives.lm import CORPUS_FORMATS, LANGUAGE_MODELING, lm_loss_sums
+from plamo_jax.train.run import ModelRun
 
 
 @dataclasses.dataclass
@@ -44,20 +44,18 @@ class CorpusScore:
         }
 
 
-def jit_loss_sums(config: ml_collections.ConfigDict, setup: state_lib.ModelSetup):
+def jit_loss_sums(run: ModelRun):
     """(params, batch) -> summed cross entropy and token count, jitted with the mesh shardings."""
 
     def sums(params, batch):
-        _, totals = model_loss_sums(setup.graphdef, params, batch, config.model, z_loss=0.0)
+        _, totals = lm_loss_sums(run.setup.graphdef, params, batch, run.config.model, z_loss=0.0)
         return totals["cross_entropy"], totals["tokens"]
 
-    shardings = (setup.param_shardings, state_lib.batch_sharding(setup.mesh, setup.rules))
-    return jax.jit(sums, in_shardings=shardings)
+    return jax.jit(sums, in_shardings=(run.setup.param_shardings, run.batch_sharding))
 
 
 def evaluate_perplexity(
-    config: ml_collections.ConfigDict,
-    setup: state_lib.ModelSetup,
+    run: ModelRun,
     params,
     sources: str,
     *,
@@ -69,15 +67,15 @@ def evaluate_perplexity(
 
     data_format: `text` scores every token; `chat` scores what the assistant says (data.chat_template).
     """
-    if data_format not in ("text", "chat"):
-        raise DataError(f"perplexity data format {data_format!r}; expected 'text' or 'chat'")
-    loss_sums = jit_loss_sums(config, setup)
-    batch_sharding = state_lib.batch_sharding(setup.mesh, setup.rules)
+    if data_format not in CORPUS_FORMATS:
+        raise DataError(f"perplexity data format {data_format!r}; expected one of {tuple(CORPUS_FORMATS)}")
+    loss_sums = jit_loss_sums(run)
+    batch_sharding = run.batch_sharding
     results = []
     for spec in parse_sources(sources):
-        data_config = config.data.copy_and_resolve_references()
+        data_config = run.config.data.copy_and_resolve_references()
         data_config.update(source=spec.path, shuffle=False, packing="pad", format=data_format)
-        data = make_train_iterator(
+        data = LANGUAGE_MODELING.make_iterator(
             data_config,
             seq_len=seq_len,
             global_batch_size=batch_size,
@@ -89,7 +87,7 @@ def evaluate_perplexity(
         nats, tokens = 0.0, 0
         steps = math.ceil(rows / batch_size)
         progress = Progress(0, steps, enabled=jax.process_index() == 0)
-        with sharding_context(setup.mesh, setup.rules):
+        with sharding_context(run.mesh, run.rules):
             for step in range(steps):
                 local = next(data)
                 first_row = step * batch_size + jax.process_index() * data.local_batch_size

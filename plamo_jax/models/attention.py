@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
+from plamo_jax.errors import ConfigError
 from plamo_jax.models.flash_attention import flash_attention
 from plamo_jax.models.fp8 import projection
-from plamo_jax.models.layers import RMSNorm, apply_rope, normal, param
+from plamo_jax.models.layers import RMSNorm, apply_rope, compute_dtype, normal, output_init_std, param
 from plamo_jax.parallel.rules import constrain
 
 QK_NORM_KINDS = ("none", "shared", "per_head")
@@ -71,9 +73,10 @@ class Attention(nnx.Module):
         block: int = 512,
     ):
         if qk_norm not in QK_NORM_KINDS:
-            raise ValueError(f"qk_norm must be one of {QK_NORM_KINDS}, got {qk_norm!r}")
+            raise ConfigError(f"qk_norm={qk_norm!r}: expected one of {QK_NORM_KINDS}")
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+            raise ConfigError(f"config key model.num_heads={num_heads}: expected a multiple of "
+                              f"model.num_kv_heads={num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_theta = rope_theta
         self.dtype = dtype
@@ -100,6 +103,17 @@ class Attention(nnx.Module):
             k_norm = PerHeadRMSNorm(num_kv_heads, head_dim, eps=norm_eps, heads_axis="kv_heads", rngs=rngs)
         self.q_norm = nnx.data(q_norm)
         self.k_norm = nnx.data(k_norm)
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict, *, qk_norm: str, rngs: nnx.Rngs) -> Attention:
+        """Attention with the model config's shapes, RoPE, dtype, initialisation, FP8 and kernel."""
+        return cls(
+            d_model=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, qk_norm=qk_norm, init_std=cfg.init_std,
+            out_init_std=output_init_std(cfg), dtype=compute_dtype(cfg), rngs=rngs, fp8=cfg.fp8,
+            impl=cfg.attention_impl, block=cfg.attention_block,
+        )
 
     def project_qkv(self, x_BLD: jax.Array, positions_BL: jax.Array):
         """q, k, v after QK-norm and RoPE (exposed for recurrent decoding with a KV cache)."""

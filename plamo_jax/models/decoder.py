@@ -1,7 +1,8 @@
 """One decoder for every family: embeddings, a scanned stack of blocks, final norm, LM head.
 
-The block kind comes from the family registry; blocks are created with `nnx.vmap` (parameters stacked
-along a leading `layers` axis) and applied with `nnx.scan`, so compile time does not grow with depth.
+The block comes from the family's spec (models/registry.py); blocks are created with `nnx.vmap`
+(parameters stacked along a leading `layers` axis) and applied with `nnx.scan`, so compile time does
+not grow with depth.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import ml_collections
 from flax import nnx
 
 from plamo_jax.models import registry
-from plamo_jax.models.attention import Attention
-from plamo_jax.models.layers import RMSNorm, SwiGLU, normal, param
-from plamo_jax.parallel.rules import constrain
+from plamo_jax.models.layers import RMSNorm, normal, param
+from plamo_jax.parallel.rules import MESH_AXES, constrain
 
+UNSHARDED = {axis: 1 for axis in MESH_AXES}
 REMAT_POLICIES = {
     "none": None,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -23,69 +24,18 @@ REMAT_POLICIES = {
 }
 
 
-def compute_dtype(cfg: ml_collections.ConfigDict):
-    return jnp.dtype(cfg.dtype)
-
-
-def output_init_std(cfg: ml_collections.ConfigDict) -> float:
-    """Residual-branch output projections start smaller with depth (GPT-2 / Megatron scaling)."""
-    return cfg.init_std / (2 * cfg.num_layers) ** 0.5
-
-
-def make_attention(cfg: ml_collections.ConfigDict, *, qk_norm: str, rngs: nnx.Rngs) -> Attention:
-    return Attention(
-        d_model=cfg.d_model,
-        num_heads=cfg.num_heads,
-        num_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        rope_theta=cfg.rope_theta,
-        norm_eps=cfg.norm_eps,
-        qk_norm=qk_norm,
-        init_std=cfg.init_std,
-        out_init_std=output_init_std(cfg),
-        dtype=compute_dtype(cfg),
-        rngs=rngs,
-        fp8=cfg.fp8,
-        impl=cfg.attention_impl,
-        block=cfg.attention_block,
-    )
-
-
-class DenseBlock(nnx.Module):
-    """Pre-norm Llama block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        self.attn = make_attention(cfg, qk_norm="shared" if cfg.qk_norm else "none", rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        self.mlp = SwiGLU(
-            cfg.d_model,
-            cfg.mlp_dim,
-            init_std=cfg.init_std,
-            out_init_std=output_init_std(cfg),
-            dtype=compute_dtype(cfg),
-            rngs=rngs,
-            fp8=cfg.fp8,
-        )
-
-    def __call__(self, x_BLD, segment_ids_BL, positions_BL, block_index):
-        del block_index  # every dense layer is the same
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL)
-        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
-        return x_BLD, {}
-
-
 class Decoder(nnx.Module):
     """Causal LM: __call__(input_ids, segment_ids, positions) -> (fp32 logits [B, L, V], aux)."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         family = registry.get_family(cfg.family)
+        registry.validate_model(cfg, UNSHARDED)  # the run builder checks again against the real mesh
         self.dtype = cfg.dtype
         self.num_blocks = family.num_blocks(cfg)
         self.remat_policy = cfg.remat
         self.scan_unroll = cfg.scan_unroll
         self.embed = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
-        block_class = family.block_class()
+        block_class = family.block
 
         @nnx.split_rngs(splits=self.num_blocks)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})

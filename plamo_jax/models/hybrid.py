@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from plamo_jax.models.attention import dot_product_attention
-from plamo_jax.models.decoder import Decoder, compute_dtype, make_attention, output_init_std
-from plamo_jax.models.layers import RMSNorm, SwiGLU
-from plamo_jax.models.ssm import MambaMixer
+from plamo_jax.models import flops
+from plamo_jax.models.attention import Attention, dot_product_attention
+from plamo_jax.models.dense import validate_mlp
+from plamo_jax.models.family import SHARED_ACTIVATION_SHARDS, FamilySpec, MemoryPart, MeshSizes, require
+from plamo_jax.models.layers import RMSNorm, SwiGLU, compute_dtype, output_init_std
+from plamo_jax.models.ssm import MambaMixer, mamba_flops_per_token
 
 NORM_OFFSETS = {"pre_mixer_norm": 1.0, "post_mixer_norm": 1.0 / 5, "pre_mlp_norm": 1.0,
                 "post_mlp_norm": 1.0 / 5**1.5}
@@ -39,20 +41,21 @@ def layer_name(position: int) -> str:
     return f"layer_{position}"
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-    if cfg.mamba_step < 2:
-        raise ValueError(f"config key model.mamba_step={cfg.mamba_step}: expected >= 2 (one attention layer "
-                         "per group of mamba_step layers)")
+def validate(cfg: ml_collections.ConfigDict, sizes: MeshSizes) -> None:
+    require(cfg.mamba_step >= 2, "mamba_step", cfg.mamba_step,
+            ">= 2 (one attention layer per group of mamba_step layers)")
+    HYBRID.num_blocks(cfg)
     for index in cfg.full_attention_layers:
-        if not 0 <= index < cfg.num_layers or is_mamba_layer(cfg, index):
-            raise ValueError(f"config key model.full_attention_layers={tuple(cfg.full_attention_layers)}: "
-                             f"layer {index} is not an attention layer of the {cfg.num_layers} layers")
-    if cfg.attention_window < 0:
-        raise ValueError(f"config key model.attention_window={cfg.attention_window}: expected >= 0")
+        require(0 <= index < cfg.num_layers and not is_mamba_layer(cfg, index), "full_attention_layers",
+                tuple(cfg.full_attention_layers),
+                f"attention layers of the {cfg.num_layers} (layer {index} is not one)")
+    require(cfg.attention_window >= 0, "attention_window", cfg.attention_window, ">= 0")
     for key, minimum in (("ssm_num_heads", 1), ("ssm_head_dim", 1), ("ssm_state_dim", 1),
                          ("ssm_conv_width", 2), ("ssm_chunk_size", 1)):
-        if cfg[key] < minimum:
-            raise ValueError(f"config key model.{key}={cfg[key]}: expected >= {minimum}")
+        require(cfg[key] >= minimum, key, cfg[key], f">= {minimum}")
+    require(cfg.ssm_num_heads % sizes["tensor"] == 0, "ssm_num_heads", cfg.ssm_num_heads,
+            f"divisible by the tensor-parallel mesh size mesh.tensor={sizes['tensor']}")
+    validate_mlp(cfg, sizes)
 
 
 def make_mamba(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MambaMixer:
@@ -77,11 +80,10 @@ class HybridLayer(nnx.Module):
         if is_mamba:
             self.mixer = make_mamba(cfg, rngs)
         else:
-            self.mixer = make_attention(cfg, qk_norm="per_head", rngs=rngs)
+            self.mixer = Attention.from_config(cfg, qk_norm="per_head", rngs=rngs)
         self.post_mixer_norm = norm("post_mixer_norm")
         self.pre_mlp_norm = norm("pre_mlp_norm")
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, out_init_std=output_init_std(cfg),
-                          dtype=compute_dtype(cfg), rngs=rngs, fp8=cfg.fp8)
+        self.mlp = SwiGLU.from_config(cfg, cfg.mlp_dim, rngs=rngs)
         self.post_mlp_norm = norm("post_mlp_norm")
 
     def add_mixer(self, x_BLD, mixed_BLD):
@@ -95,7 +97,6 @@ class HybridGroup(nnx.Module):
     """`mamba_step` consecutive PLaMo 2 layers: one scanned block of the decoder."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-        validate(cfg)
         self.layers_per_group = cfg.mamba_step
         self.attention_window = cfg.attention_window
         self.full_attention_layers = tuple(int(i) for i in cfg.full_attention_layers)
@@ -169,7 +170,7 @@ class HybridGroup(nnx.Module):
         return x_BTD, new_cache
 
 
-def init_cache(model: Decoder, batch: int, max_length: int) -> dict[str, jax.Array]:
+def init_cache(model, batch: int, max_length: int) -> dict[str, jax.Array]:
     """Empty generation cache for every group, stacked along a leading blocks axis."""
 
     @nnx.vmap(in_axes=0, out_axes=0)
@@ -179,7 +180,7 @@ def init_cache(model: Decoder, batch: int, max_length: int) -> dict[str, jax.Arr
     return per_block(model.blocks)
 
 
-def extend(model: Decoder, input_ids_BT: jax.Array, start, cache):
+def extend(model, input_ids_BT: jax.Array, start, cache):
     """Run T new tokens (positions start..start+T-1) through the model: (fp32 logits [B, T, V], cache).
 
     Prefill is `extend(model, prompt, 0, init_cache(...))`; decoding feeds one token at a time.
@@ -199,7 +200,7 @@ def _extend_jit(model, input_ids_BT, start, cache):
     return extend(model, input_ids_BT, start, cache)
 
 
-def greedy_generate(model: Decoder, prompt_ids_BT: jax.Array, max_new_tokens: int) -> jax.Array:
+def greedy_generate(model, prompt_ids_BT: jax.Array, max_new_tokens: int) -> jax.Array:
     """Greedy continuation [B, max_new_tokens] of equal-length prompts: one prefill, then one token a step.
 
     The KV cache holds prompt + new tokens (sliding-window layers keep every key; a ring buffer would
@@ -215,3 +216,39 @@ def greedy_generate(model: Decoder, prompt_ids_BT: jax.Array, max_new_tokens: in
         if step + 1 < max_new_tokens:
             logits, cache = _extend_jit(model, token[:, None], prompt_length + step, cache)
     return jnp.stack(generated, axis=1)
+
+
+# ----------------------------------------------------------------------------------- the family spec
+
+
+def forward_flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """One attention layer per group of mamba_step layers (full-attention layers see every key)."""
+    groups = cfg.num_layers // cfg.mamba_step
+    full = [i for i in cfg.full_attention_layers if not is_mamba_layer(cfg, i)]
+    windowed = flops.attention_flops_per_token(cfg, seq_len, cfg.attention_window)
+    mixers = (groups - len(full)) * windowed + len(full) * flops.attention_flops_per_token(cfg, seq_len)
+    mixers += (cfg.num_layers - groups) * mamba_flops_per_token(cfg)
+    mlps = cfg.num_layers * flops.swiglu_flops_per_token(cfg.d_model, cfg.mlp_dim)
+    return mixers + mlps + flops.lm_head_flops_per_token(cfg)
+
+
+def _mamba_mixers(group: HybridGroup):
+    return [(layer.mixer, lambda mixer, x_BLD, segment_ids_BL: mixer(x_BLD, segment_ids_BL))
+            for layer in group.layers if layer.is_mamba]
+
+
+HYBRID = FamilySpec(
+    name="hybrid",
+    block=HybridGroup,
+    validate=validate,
+    architecture_keys=("mlp_dim", "mamba_step", "ssm_num_heads", "ssm_head_dim", "ssm_state_dim",
+                       "ssm_conv_width"),
+    forward_flops_per_token=forward_flops_per_token,
+    # PLaMo 2: one scanned block is a group of `mamba_step` layers holding one attention layer.
+    layers_per_block=lambda cfg: cfg.mamba_step,
+    activation_shards={**SHARED_ACTIVATION_SHARDS, "mlp_dim": "act_mlp", "ssm_num_heads": "act_ssm_heads"},
+    memory_part=MemoryPart("SSM state, conv and chunk buffers", "Mamba mixers", _mamba_mixers),
+    hf_formats=("plamo2",),
+    default_hf_format=lambda cfg: "plamo2",
+    final_norm_offset=1.0,  # the final norm stores a delta from 1
+)

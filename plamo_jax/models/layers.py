@@ -6,8 +6,10 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
+from plamo_jax.errors import ConfigError
 from plamo_jax.models.fp8 import projection
 from plamo_jax.parallel.rules import constrain
 
@@ -23,9 +25,18 @@ def param(
 ) -> nnx.Param:
     """An fp32 parameter tagged with its logical axes (placed later by the trainer's rules)."""
     if len(shape) != len(logical_axes):
-        raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(logical_axes)} differ in rank")
+        raise ConfigError(f"shape {tuple(shape)} and logical axes {tuple(logical_axes)} differ in rank")
     value = init(rngs.params(), tuple(shape), dtype)
     return nnx.Param(value, out_sharding=tuple(logical_axes), eager_sharding=False)
+
+
+def compute_dtype(cfg: ml_collections.ConfigDict) -> jnp.dtype:
+    return jnp.dtype(cfg.dtype)
+
+
+def output_init_std(cfg: ml_collections.ConfigDict) -> float:
+    """Residual-branch output projections start smaller with depth (GPT-2 / Megatron scaling)."""
+    return cfg.init_std / (2 * cfg.num_layers) ** 0.5
 
 
 def normal(std: float) -> Initializer:
@@ -99,6 +110,12 @@ class SwiGLU(nnx.Module):
         self.gate = param(rngs, normal(init_std), (d_model, mlp_dim), ("embed", "mlp"))
         self.up = param(rngs, normal(init_std), (d_model, mlp_dim), ("embed", "mlp"))
         self.down = param(rngs, normal(out_init_std), (mlp_dim, d_model), ("mlp", "embed"))
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict, width: int, *, rngs: nnx.Rngs) -> SwiGLU:
+        """A SwiGLU of hidden `width` with the model's dtype, initialisation and FP8 setting."""
+        return cls(cfg.d_model, width, init_std=cfg.init_std, out_init_std=output_init_std(cfg),
+                   dtype=compute_dtype(cfg), rngs=rngs, fp8=cfg.fp8)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         gate = projection("bld,df->blf", x_BLD, self.gate[...], self.dtype, self.fp8)

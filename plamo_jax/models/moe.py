@@ -1,19 +1,9 @@
-"""Mixture-of-experts block: linear router, top-k, dropless grouped-matmul dispatch, expert parallelism.
+"""The mixture-of-experts family: a linear router, top-k, SwiGLU experts, Drop-Upcycling's config.
 
 Routing (router logits, top-k, auxiliary losses, capacity decisions) runs on the global token set
-under GSPMD, so every layout computes the same routing as one device. The expert computation runs inside
-`jax.shard_map` whenever a mesh is active: each shard takes its own tokens, sends every (token, expert)
-assignment to the shard holding that expert with an all-to-all over the mesh axes of the `expert`
-logical axis, runs its experts as grouped matmuls on assignments sorted by expert and sends the results
-back; mlp-sharded (tensor) experts give partial sums, reduced with psum. Without a mesh the same grouped
-computation runs on all tokens at once.
-
-Grouped matmuls: `jax.lax.ragged_dot` on GPU / TPU; on CPU, where JAX lowers ragged_dot to a dense
-masked product over every expert, a blocked equivalent (`blocked_swiglu`).
-
-All-to-all buffers have static shapes: dropless mode reserves room for all of a shard's assignments
-per destination ([expert shards, tokens * k, d_model]); capacity mode bounds a destination's share by
-capacity * local experts. Capacity is decided globally (GShard priority: first choices first).
+under GSPMD, so every layout computes the same routing as one device; the experts themselves run in
+`models/experts.py` (grouped matmuls, all-to-all expert parallelism). Capacity is decided globally
+(GShard priority: first choices first).
 
 Expert weights: gate, up [expert, embed, mlp] and down [expert, mlp, embed] (Mixtral / Qwen3-MoE
 SwiGLU experts); the router is [embed, num_experts].
@@ -27,35 +17,37 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import PartitionSpec
 
-from plamo_jax.configuration import ConfigError
-from plamo_jax.models.decoder import compute_dtype, make_attention, output_init_std
-from plamo_jax.models.layers import RMSNorm, SwiGLU, normal, param
+from plamo_jax.errors import ConfigError
+from plamo_jax.models import flops
+from plamo_jax.models.attention import Attention
+from plamo_jax.models.experts import local_moe, sharded_moe
+from plamo_jax.models.family import (
+    SHARED_ACTIVATION_SHARDS,
+    FamilySpec,
+    MemoryPart,
+    MeshSizes,
+    ShardCount,
+    require,
+    require_divisible,
+)
+from plamo_jax.models.layers import RMSNorm, SwiGLU, compute_dtype, normal, output_init_std, param
 from plamo_jax.parallel import rules as sharding_rules
 from plamo_jax.parallel.rules import constrain
 
 
-def validate_moe_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raise ConfigError (a ValueError) naming the config key when the MoE fields cannot work."""
-    if cfg.num_experts < 1:
-        raise ConfigError(f"config key model.num_experts={cfg.num_experts}: family 'moe' needs >= 1 expert")
-    if not 1 <= cfg.num_experts_per_token <= cfg.num_experts:
-        raise ConfigError(
-            f"config key model.num_experts_per_token={cfg.num_experts_per_token}: expected 1 to "
-            f"model.num_experts={cfg.num_experts}"
-        )
-    if cfg.expert_mlp_dim < 1:
-        raise ConfigError(f"config key model.expert_mlp_dim={cfg.expert_mlp_dim}: expected a positive width")
-    if cfg.num_shared_experts < 0:
-        raise ConfigError(f"config key model.num_shared_experts={cfg.num_shared_experts}: expected >= 0")
-    if cfg.capacity_factor < 0:
-        raise ConfigError(
-            f"config key model.capacity_factor={cfg.capacity_factor}: expected 0 (dropless) or > 0"
-        )
-
-
-# ----------------------------------------------------------------------------------------- routing
+def validate(cfg: ml_collections.ConfigDict, sizes: MeshSizes) -> None:
+    """The MoE keys; `mlp_dim` is not used (experts have their own width)."""
+    require(cfg.num_experts >= 1, "num_experts", cfg.num_experts, "at least 1 expert for family 'moe'")
+    require(1 <= cfg.num_experts_per_token <= cfg.num_experts, "num_experts_per_token",
+            cfg.num_experts_per_token, f"1 to model.num_experts={cfg.num_experts}")
+    require(cfg.expert_mlp_dim >= 1, "expert_mlp_dim", cfg.expert_mlp_dim, "a positive width")
+    require(cfg.num_shared_experts >= 0, "num_shared_experts", cfg.num_shared_experts, ">= 0")
+    require(cfg.capacity_factor >= 0, "capacity_factor", cfg.capacity_factor, "0 (dropless) or > 0")
+    require(cfg.moe_aux_loss >= 0, "moe_aux_loss", cfg.moe_aux_loss, ">= 0")
+    require(cfg.router_z_loss >= 0, "router_z_loss", cfg.router_z_loss, ">= 0")
+    require_divisible(cfg, "expert_mlp_dim", sizes["tensor"], "the tensor-parallel mesh size mesh.tensor")
+    require_divisible(cfg, "num_experts", sizes["expert"], "the expert-parallel mesh size mesh.expert")
 
 
 def route(logits_TE: jax.Array, num_selected: int, softmax_before_topk: bool,
@@ -111,200 +103,10 @@ def capacity_keep_mask(experts_TK: jax.Array, num_experts: int, capacity: int) -
     return (position_KT < capacity).T
 
 
-# ---------------------------------------------------------------------------- grouped expert compute
-
-
-def ragged_swiglu(x_AD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array,
-                  down_EFD: jax.Array) -> jax.Array:
-    """SwiGLU of rows sorted by expert (group_sizes_E rows each; later rows unused) with ragged matmuls.
-
-    GPU and TPU lower `ragged_dot` to grouped-matmul kernels; XLA:CPU has none (JAX computes every
-    expert on every row and masks), hence `blocked_swiglu` there.
-    """
-    gate = jax.lax.ragged_dot(x_AD, gate_EDF, group_sizes_E)
-    up = jax.lax.ragged_dot(x_AD, up_EDF, group_sizes_E)
-    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, down_EFD, group_sizes_E)
-
-
-def blocked_swiglu(x_AD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array,
-                   down_EFD: jax.Array) -> jax.Array:
-    """The same result as `ragged_swiglu` with static shapes and ~1.25x the expert FLOPs instead of E x.
-
-    Each expert's rows are padded to whole blocks of `block` rows; every block belongs to one expert and
-    is one slice of a batched matmul against that expert's gathered weights.
-    """
-    rows, num_experts = x_AD.shape[0], gate_EDF.shape[0]
-    block = max(8, -(-rows // (4 * num_experts)))  # padding adds at most a quarter of the rows
-    num_blocks = -(-rows // block) + num_experts
-    blocks_E = -(-group_sizes_E // block)
-    block_starts_E = jnp.cumsum(blocks_E) - blocks_E
-    row_starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
-    row = jnp.arange(rows)
-    expert_A = jnp.searchsorted(jnp.cumsum(group_sizes_E), row, side="right")  # num_experts: unused row
-    expert_A = jnp.minimum(expert_A, num_experts - 1)
-    used_A = row < jnp.sum(group_sizes_E)
-    padded_A = jnp.where(used_A, block_starts_E[expert_A] * block + row - row_starts_E[expert_A],
-                         num_blocks * block)
-    x_blocks = jnp.zeros((num_blocks * block, x_AD.shape[1]), x_AD.dtype).at[padded_A].set(x_AD, mode="drop")
-    x_blocks = x_blocks.reshape(num_blocks, block, -1)
-    expert_of_block = jnp.searchsorted(jnp.cumsum(blocks_E), jnp.arange(num_blocks), side="right")
-    expert_of_block = jnp.minimum(expert_of_block, num_experts - 1)  # trailing empty blocks: any expert
-    gate = jnp.einsum("nbd,ndf->nbf", x_blocks, gate_EDF[expert_of_block])
-    up = jnp.einsum("nbd,ndf->nbf", x_blocks, up_EDF[expert_of_block])
-    out = jnp.einsum("nbf,nfd->nbd", jax.nn.silu(gate) * up, down_EFD[expert_of_block])
-    out = out.reshape(num_blocks * block, -1).at[padded_A].get(mode="fill", fill_value=0)
-    return jnp.where(used_A[:, None], out, 0)
-
-
-def grouped_swiglu(x_AD, group_sizes_E, gate_EDF, up_EDF, down_EFD) -> jax.Array:
-    if jax.default_backend() == "cpu":
-        return blocked_swiglu(x_AD, group_sizes_E, gate_EDF, up_EDF, down_EFD)
-    return ragged_swiglu(x_AD, group_sizes_E, gate_EDF, up_EDF, down_EFD)
-
-
-def grouped_experts(x_RD: jax.Array, row_A: jax.Array, expert_A: jax.Array, gate_EDF: jax.Array,
-                    up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
-    """out[a] = expert_{expert_A[a]}(x_RD[row_A[a]]); assignments whose expert id is outside [0, E)
-    give zeros.
-
-    Assignments are sorted by expert (invalid ids last) so each expert is one contiguous group of the
-    grouped matmul, then put back in their original order.
-    """
-    num_experts = gate_EDF.shape[0]
-    valid_A = (expert_A >= 0) & (expert_A < num_experts)
-    sort_key_A = jnp.where(valid_A, expert_A, num_experts)
-    order_A = jnp.argsort(sort_key_A, stable=True)
-    group_sizes_E = jnp.bincount(sort_key_A, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    out_sorted_AD = grouped_swiglu(x_RD[row_A[order_A]], group_sizes_E, gate_EDF, up_EDF, down_EFD)
-    out_AD = jnp.zeros_like(out_sorted_AD).at[order_A].set(out_sorted_AD, unique_indices=True)
-    return jnp.where(valid_A[:, None], out_AD, 0)
-
-
-def combine(out_AD: jax.Array, weights_TK: jax.Array, keep_TK: jax.Array) -> jax.Array:
-    """sum_k w_k * out[t * K + k] over the kept assignments."""
-    num_tokens, num_selected = weights_TK.shape
-    out_TKD = out_AD.reshape(num_tokens, num_selected, -1)
-    weights_TK = jnp.where(keep_TK, weights_TK, 0).astype(out_TKD.dtype)
-    return jnp.einsum("tkd,tk->td", out_TKD, weights_TK)
-
-
-def local_moe(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array, keep_TK: jax.Array,
-              gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
-    """Dropless (or capacity-masked) MoE on tokens whose experts are all local: sum_k w_k * expert_k(x)."""
-    num_selected = experts_TK.shape[1]
-    expert_A = jnp.where(keep_TK, experts_TK, -1).reshape(-1)  # assignment a = t * K + k
-    token_A = jnp.arange(expert_A.shape[0]) // num_selected
-    out_AD = grouped_experts(x_TD, token_A, expert_A, gate_EDF, up_EDF, down_EFD)
-    return combine(out_AD, weights_TK, keep_TK)
-
-
-def expert_parallel_moe(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array, keep_TK: jax.Array,
-                        gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array, *,
-                        expert_axes: tuple[str, ...], num_shards: int, slots_per_shard: int) -> jax.Array:
-    """Per-shard body inside shard_map: tokens go to the shards holding their experts and come back.
-
-    gate/up/down hold this shard's E_local experts (shard s holds experts s*E_local ...). Each source
-    shard sends a fixed [num_shards, slots_per_shard, D] buffer (static shapes for the all-to-all);
-    slots_per_shard bounds how many assignments one shard can send to one other shard.
-    """
-    num_selected = experts_TK.shape[1]
-    experts_local = gate_EDF.shape[0]
-    expert_A = experts_TK.reshape(-1)
-    keep_A = keep_TK.reshape(-1)
-    destination_A = jnp.where(keep_A, expert_A // experts_local, num_shards)
-    order_A = jnp.argsort(destination_A, stable=True)
-    destination_sorted_A = destination_A[order_A]
-    counts_S = jnp.bincount(destination_A, length=num_shards + 1)[:num_shards]
-    starts_S = jnp.cumsum(counts_S) - counts_S
-    slot_sorted_A = jnp.arange(order_A.shape[0]) - starts_S[jnp.minimum(destination_sorted_A, num_shards - 1)]
-    token_sorted_A = order_A // num_selected
-
-    # Dropped assignments have destination == num_shards: out of bounds, so the scatter skips them.
-    send_x = jnp.zeros((num_shards, slots_per_shard, x_TD.shape[-1]), x_TD.dtype)
-    send_x = send_x.at[destination_sorted_A, slot_sorted_A].set(x_TD[token_sorted_A], mode="drop")
-    send_expert = jnp.full((num_shards, slots_per_shard), -1, jnp.int32)
-    send_expert = send_expert.at[destination_sorted_A, slot_sorted_A].set(
-        expert_A[order_A] % experts_local, mode="drop")
-
-    recv_x = jax.lax.all_to_all(send_x, expert_axes, 0, 0, tiled=True)
-    recv_expert = jax.lax.all_to_all(send_expert, expert_axes, 0, 0, tiled=True)
-    recv_expert = recv_expert.reshape(-1)
-    out = grouped_experts(recv_x.reshape(-1, recv_x.shape[-1]), jnp.arange(recv_expert.shape[0]), recv_expert,
-                          gate_EDF, up_EDF, down_EFD)
-    back = jax.lax.all_to_all(out.reshape(send_x.shape), expert_axes, 0, 0, tiled=True)
-
-    out_sorted_AD = back.at[destination_sorted_A, slot_sorted_A].get(mode="fill", fill_value=0)
-    out_AD = jnp.zeros_like(out_sorted_AD).at[order_A].set(out_sorted_AD, unique_indices=True)
-    return combine(out_AD, weights_TK, keep_TK)
-
-
-def _spec_axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _active_mesh_and_rules():
-    current = sharding_rules.active_mesh_and_rules()
-    if current is None:
-        raise RuntimeError("sharded_moe needs an active rules.sharding_context")
-    return current
-
-
-def sharded_moe(x_BLD, experts_BLK, weights_BLK, keep_BLK, gate_EDF, up_EDF, down_EFD, *,
-                capacity: int | None) -> jax.Array:
-    """Run the experts under the active mesh with shard_map (all-to-all when experts are sharded)."""
-    mesh, rules = _active_mesh_and_rules()
-    token_spec = sharding_rules.logical_to_spec(("act_batch", "act_length", None), rules, mesh,
-                                                x_BLD.shape, "moe tokens")
-    up_spec = sharding_rules.logical_to_spec(("expert", None, "mlp"), rules, mesh, gate_EDF.shape,
-                                             "moe expert weights")
-    expert_axes = _spec_axes(up_spec[0])
-    mlp_axes = _spec_axes(up_spec[2])
-    down_spec = PartitionSpec(up_spec[0], up_spec[2], None)
-    token_axes = _spec_axes(token_spec[0]) + _spec_axes(token_spec[1])
-    if not set(expert_axes) <= set(token_axes):
-        raise ValueError(
-            f"mesh.rules: expert weights are sharded over {expert_axes}, so tokens must be too, but "
-            f"act_batch/act_length shard them over {token_axes}; add the expert axis to mesh.rules.act_batch"
-        )
-    if set(mlp_axes) & set(token_axes):
-        raise ValueError(f"mesh.rules: mlp axes {mlp_axes} of the experts also shard the tokens {token_axes}")
-    num_shards = math.prod(mesh.shape[a] for a in expert_axes)
-    batch, length, num_selected = experts_BLK.shape
-    tokens_per_shard = batch * length // math.prod(mesh.shape[a] for a in token_axes)
-    experts_local = gate_EDF.shape[0] // num_shards
-    slots = tokens_per_shard * num_selected  # dropless: everything could go to one shard
-    if capacity is not None:
-        slots = min(slots, capacity * experts_local)
-
-    def body(x, experts, weights, keep, gate, up, down):
-        local_batch, local_length, d_model = x.shape
-        flat = lambda a: a.reshape(local_batch * local_length, *a.shape[2:])
-        if num_shards == 1:
-            out = local_moe(flat(x), flat(experts), flat(weights), flat(keep), gate, up, down)
-        else:
-            out = expert_parallel_moe(flat(x), flat(experts), flat(weights), flat(keep), gate, up, down,
-                                      expert_axes=expert_axes, num_shards=num_shards, slots_per_shard=slots)
-        if mlp_axes:  # each tensor shard computed a slice of the hidden units: partial sums
-            out = jax.lax.psum(out, mlp_axes)
-        return out.reshape(local_batch, local_length, d_model)
-
-    return jax.shard_map(
-        body, mesh=mesh,
-        in_specs=(token_spec, token_spec, token_spec, token_spec, up_spec, up_spec, down_spec),
-        out_specs=token_spec,
-    )(x_BLD, experts_BLK, weights_BLK, keep_BLK, gate_EDF, up_EDF, down_EFD)
-
-
-# --------------------------------------------------------------------------------------- modules
-
-
 class MoEMLP(nnx.Module):
     """Routed SwiGLU experts (+ optional always-on shared experts); returns (out_BLD, aux)."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-        validate_moe_config(cfg)
         self.dtype = compute_dtype(cfg)
         self.num_experts = cfg.num_experts
         self.num_selected = cfg.num_experts_per_token
@@ -318,8 +120,7 @@ class MoEMLP(nnx.Module):
         self.up = param(rngs, normal(cfg.init_std), (experts, d_model, width), ("expert", "embed", "mlp"))
         self.down = param(rngs, normal(out_std), (experts, width, d_model), ("expert", "mlp", "embed"))
         # Assigned once: NNX fixes an attribute as static when it is first set to None.
-        self.shared = (SwiGLU(d_model, cfg.num_shared_experts * width, init_std=cfg.init_std,
-                              out_init_std=out_std, dtype=self.dtype, rngs=rngs, fp8=cfg.fp8)
+        self.shared = (SwiGLU.from_config(cfg, cfg.num_shared_experts * width, rngs=rngs)
                        if cfg.num_shared_experts else None)
 
     def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -363,7 +164,7 @@ class MoEBlock(nnx.Module):
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        self.attn = make_attention(cfg, qk_norm="shared" if cfg.qk_norm else "none", rngs=rngs)
+        self.attn = Attention.from_config(cfg, qk_norm="shared" if cfg.qk_norm else "none", rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.mlp = MoEMLP(cfg, rngs=rngs)
 
@@ -372,3 +173,112 @@ class MoEBlock(nnx.Module):
         x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL)
         mlp_out_BLD, aux = self.mlp(self.mlp_norm(x_BLD))
         return x_BLD + mlp_out_BLD, aux
+
+
+# ----------------------------------------------------------------------------------- the family spec
+
+
+def auxiliary_losses(cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    return {"load_balance_loss": cfg.moe_aux_loss, "router_z_loss": cfg.router_z_loss}
+
+
+def forward_flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Attention, the router, and the k routed plus the shared experts each token uses."""
+    experts_used = cfg.num_experts_per_token + cfg.num_shared_experts
+    per_layer = flops.attention_flops_per_token(cfg, seq_len, cfg.attention_window)
+    per_layer += 2 * cfg.d_model * cfg.num_experts
+    per_layer += experts_used * flops.swiglu_flops_per_token(cfg.d_model, cfg.expert_mlp_dim)
+    return cfg.num_layers * per_layer + flops.lm_head_flops_per_token(cfg)
+
+
+def dispatch_bytes(cfg: ml_collections.ConfigDict, shards: ShardCount, tokens_per_device: int) -> float:
+    """All-to-all buffers of one MoE block beyond the single-shard computation a trace covers.
+
+    Each device sends a [shards, slots, d_model] buffer, receives one, runs the experts on every
+    received row and sends the results back (`experts.expert_parallel_moe`).
+    """
+    expert_shards = shards("expert")
+    if expert_shards == 1:
+        return 0.0
+    dtype_bytes = jnp.dtype(cfg.dtype).itemsize
+    assignments = slots = tokens_per_device * cfg.num_experts_per_token
+    if cfg.capacity_factor > 0:
+        global_tokens = tokens_per_device * shards("act_batch") * shards("act_length")
+        capacity = expert_capacity(global_tokens, cfg.num_experts_per_token, cfg.num_experts,
+                                   cfg.capacity_factor)
+        slots = min(slots, capacity * (cfg.num_experts // expert_shards))
+    buffers = 3 * expert_shards * slots * cfg.d_model  # send, receive, send back
+    extra_rows = expert_shards * slots - assignments  # rows the experts process beyond this device's own
+    expert_width = -(-cfg.expert_mlp_dim // shards("act_mlp"))
+    return float(dtype_bytes * (buffers + extra_rows * (2 * cfg.d_model + 3 * expert_width)))
+
+
+def default_hf_format(cfg: ml_collections.ConfigDict) -> str:
+    return "qwen3_moe" if cfg.qk_norm else "mixtral"
+
+
+MOE = FamilySpec(
+    name="moe",
+    block=MoEBlock,
+    validate=validate,
+    architecture_keys=("qk_norm", "num_experts", "num_shared_experts", "expert_mlp_dim",
+                       "num_experts_per_token", "router_softmax_before_topk", "router_renormalize"),
+    forward_flops_per_token=forward_flops_per_token,
+    auxiliary_losses=auxiliary_losses,
+    activation_shards={**SHARED_ACTIVATION_SHARDS, "expert_mlp_dim": "act_mlp"},
+    memory_part=MemoryPart("MoE router and experts", "MoE MLP", lambda block: [(block.mlp, _mlp_output)]),
+    dispatch_bytes=dispatch_bytes,
+    hf_formats=("mixtral", "qwen3_moe"),
+    default_hf_format=default_hf_format,
+)
+
+
+def _mlp_output(mlp: MoEMLP, x_BLD: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+    return mlp(x_BLD)[0]
+
+
+# ---------------------------------------------------------------------------------- Drop-Upcycling
+
+
+def upcycled_config(dense_cfg: ml_collections.ConfigDict, *, num_experts: int, num_experts_per_token: int,
+                    aux_loss: float | None = None) -> ml_collections.ConfigDict:
+    """The MoE model config whose experts start as copies of a dense model's FFN (tools/upcycle.py).
+
+    Softmax before top-k with renormalisation: with no neuron re-initialised the MoE computes
+    exactly the dense FFN.
+    """
+    moe = ml_collections.ConfigDict(dense_cfg.to_dict())
+    moe.update(family="moe", num_experts=num_experts, num_experts_per_token=num_experts_per_token,
+               expert_mlp_dim=dense_cfg.mlp_dim, num_shared_experts=0, capacity_factor=0.0,
+               router_softmax_before_topk=True, router_renormalize=True)
+    if aux_loss is not None:
+        moe.moe_aux_loss = aux_loss
+    check_upcycle_compatible(dense_cfg, moe)
+    return moe
+
+
+# Model fields that must agree between the dense source and the MoE target.
+UPCYCLE_SHARED_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                         "qk_norm", "tie_embeddings")
+
+
+def check_upcycle_compatible(dense_cfg: ml_collections.ConfigDict,
+                             moe_cfg: ml_collections.ConfigDict) -> None:
+    """ConfigError naming the first model field that keeps the dense model from being upcycled."""
+    if dense_cfg.family != "dense":
+        raise ConfigError(f"dense config: model.family={dense_cfg.family!r}, expected 'dense'")
+    if moe_cfg.family != "moe":
+        raise ConfigError(f"MoE config: model.family={moe_cfg.family!r}, expected 'moe'")
+    for field in UPCYCLE_SHARED_FIELDS:
+        if dense_cfg[field] != moe_cfg[field]:
+            raise ConfigError(f"model.{field} differs: dense {dense_cfg[field]!r}, MoE {moe_cfg[field]!r}")
+    if moe_cfg.expert_mlp_dim != dense_cfg.mlp_dim:
+        raise ConfigError(
+            f"MoE config: model.expert_mlp_dim={moe_cfg.expert_mlp_dim}, expected the dense "
+            f"model.mlp_dim={dense_cfg.mlp_dim} (each expert starts as a copy of the dense FFN)"
+        )
+    if moe_cfg.num_shared_experts:
+        raise ConfigError(f"MoE config: model.num_shared_experts={moe_cfg.num_shared_experts}; upcycling "
+                          "makes routed experts only, expected 0")
+    if moe_cfg.num_experts < 1:
+        raise ConfigError(f"MoE config: model.num_experts={moe_cfg.num_experts}, expected >= 1")

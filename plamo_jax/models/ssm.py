@@ -17,8 +17,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
+from plamo_jax.errors import ShardingError
 from plamo_jax.models.fp8 import projection
 from plamo_jax.models.layers import RMSNorm, constant, normal, param
 from plamo_jax.parallel import rules as sharding_rules
@@ -195,6 +197,18 @@ def dt_rank(d_model: int) -> int:
     return max(64, d_model // 16)
 
 
+def mamba_flops_per_token(cfg: ml_collections.ConfigDict) -> float:
+    """PLaMo 2's Mamba mixer: projections, depthwise conv, and the recurrence itself.
+
+    The recurrence is counted as the sequential scan does it (state update x B^T and readout C h,
+    2 x inner x state_dim each); the chunked SSD spends more to use matrix units.
+    """
+    d, inner, state = cfg.d_model, cfg.ssm_num_heads * cfg.ssm_head_dim, cfg.ssm_state_dim
+    dt_dim = dt_rank(d)
+    projections = 2 * d * 2 * inner + 2 * inner * (2 * state + dt_dim) + 2 * dt_dim * cfg.ssm_num_heads
+    return projections + 2 * inner * cfg.ssm_conv_width + 4 * inner * state + 2 * inner * d
+
+
 class MambaMixer(nnx.Module):
     """PLaMo 2's Mamba: in_proj -> (z, x); conv+SiLU on x; B, C, dt from x; SSD; (y + D x) * silu(z)."""
 
@@ -332,8 +346,8 @@ def causal_conv_sharded(x_BLHP, weight_KHP, segment_ids_BL):
 
     def body(x, w, seg):
         if x.shape[1] < width - 1:
-            raise ValueError(f"ssm.causal_conv_sharded: a sequence shard holds {x.shape[1]} tokens, fewer "
-                             f"than the conv width - 1 = {width - 1}")
+            raise ShardingError(f"train.seq_len: a sequence shard holds {x.shape[1]} tokens; expected at "
+                                f"least model.ssm_conv_width - 1 = {width - 1} per mesh.sequence shard")
         history = _shift_right(x[:, -(width - 1):], num_shards)
         history_segments = _shift_right(seg[:, -(width - 1):], num_shards)
         return causal_conv(x, w, seg, history, history_segments)

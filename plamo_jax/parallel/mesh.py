@@ -10,13 +10,10 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 
+from plamo_jax.errors import ConfigError
 from plamo_jax.parallel.rules import MESH_AXES
-
-
-class MeshConfigError(ValueError):
-    pass
 
 
 def resolve_axis_sizes(
@@ -27,16 +24,16 @@ def resolve_axis_sizes(
     ici = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
     for axis, size in list(ici.items()) + [(f"dcn_{a}", s) for a, s in dcn.items()]:
         if size == 0 or size < -1:
-            raise MeshConfigError(f"config key mesh.{axis}={size}: expected a positive size or -1")
+            raise ConfigError(f"config key mesh.{axis}={size}: expected a positive size or -1")
     fill = [axis for axis, size in ici.items() if size == -1]
     if len(fill) > 1:
-        raise MeshConfigError(
+        raise ConfigError(
             f"config keys mesh.{', mesh.'.join(fill)} are all -1: at most one axis may be -1"
         )
     known = math.prod(s for s in ici.values() if s != -1) * math.prod(dcn.values())
     if fill:
         if num_devices % known:
-            raise MeshConfigError(
+            raise ConfigError(
                 f"config key mesh.{fill[0]}=-1: the other mesh axes multiply to {known}, which does not "
                 f"divide the {num_devices} devices"
             )
@@ -44,7 +41,7 @@ def resolve_axis_sizes(
     total = math.prod(ici.values()) * math.prod(dcn.values())
     if total != num_devices:
         sizes = ", ".join(f"{a}={ici[a] * dcn[a]}" for a in MESH_AXES)
-        raise MeshConfigError(
+        raise ConfigError(
             f"config section mesh ({sizes}) has {total} devices but {num_devices} are available; "
             "expected the product of mesh sizes to equal the device count"
         )
@@ -64,6 +61,12 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) 
     else:  # CPU devices have no interconnect topology to follow
         grid = np.array(devices).reshape(ici_shape)
     return Mesh(grid, MESH_AXES)
+
+
+def make_abstract_mesh(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> AbstractMesh:
+    """The mesh's axes and sizes for `num_devices` devices that need not exist (planning, estimates)."""
+    ici, dcn = resolve_axis_sizes(mesh_cfg, num_devices)
+    return AbstractMesh(tuple(ici[a] * dcn[a] for a in MESH_AXES), MESH_AXES)
 
 
 def maybe_initialize_distributed() -> None:

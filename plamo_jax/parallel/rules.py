@@ -16,6 +16,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from plamo_jax.errors import ShardingError
+
 MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 # Parameters use plain names; activations use `act_*` names so that, e.g., the model dimension of
@@ -50,10 +52,6 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
 
 Rules = Mapping[str, tuple[str, ...] | None]
 LogicalAxes = Sequence[str | None]
-
-
-class ShardingError(ValueError):
-    """A tensor cannot be laid out on the mesh as the rules ask."""
 
 
 def merge_rules(overrides: Mapping[str, Any] | None) -> dict[str, tuple[str, ...] | None]:

@@ -17,7 +17,7 @@ import jinja2.ext
 import jinja2.sandbox
 import numpy as np
 
-from plamo_jax.data.errors import DataError
+from plamo_jax.errors import DataError
 
 
 class _GenerationBlocks(jinja2.ext.Extension):

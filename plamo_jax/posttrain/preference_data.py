@@ -17,12 +17,13 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from plamo_jax.data.errors import DataError
+from plamo_jax.data import batch
 from plamo_jax.data.lru import LruCache
 from plamo_jax.data.packing import row_arrays
-from plamo_jax.data.pipeline import TrainIterator, parse_sources
+from plamo_jax.data.pipeline import TrainIterator, parse_sources, validate_reading
 from plamo_jax.data.sources import JSONL_SUFFIXES, ReadReport, iter_json_records, list_input_files
 from plamo_jax.data.tokenizer import Tokenizer
+from plamo_jax.errors import DataError
 from plamo_jax.posttrain.sft import (
     ChatTemplate,
     builtin_turns,
@@ -30,12 +31,12 @@ from plamo_jax.posttrain.sft import (
     check_message_list,
     prompt_messages,
     render_conversation,
+    validate_chat_keys,
 )
 
 BUILTIN_PREFERENCE = "builtin_preference"
-SIDES = ("chosen", "rejected")
-FIELDS = ("input_ids", "target_ids", "segment_ids", "positions", "loss_mask")
-BATCH_KEYS = tuple(f"{side}_{field}" for side in SIDES for field in FIELDS)
+PREFERENCE_FORMAT = "preference"  # the data.format of preference pairs
+SIDES = ("chosen", "rejected")  # the batch-key prefixes of a pair's two sequences (data/batch.py)
 
 
 def _as_messages(value: object, default_role: str) -> object:
@@ -178,7 +179,7 @@ class PairRows:
         pair = self.pairs.sequences[int(self._order(epoch)[within])]
         for side, (tokens, mask) in zip(SIDES, pair, strict=True):
             row = row_arrays(tokens, np.zeros(len(tokens), np.int64), self.seq_len, self.pad_id, mask)
-            fields.update({f"{side}_{name}": value for name, value in row.items()})
+            fields.update({batch.prefixed(side, name): value for name, value in row.items()})
         return fields
 
 
@@ -187,13 +188,20 @@ class PreferenceIterator(TrainIterator):
 
     corpus_count = 1
 
-    def _load_rows(self) -> PairRows:
-        specs = parse_sources(self.data_config.source)
-        if len(specs) != 1:
+    def _validate(self, data_config: ml_collections.ConfigDict) -> None:
+        validate_reading(data_config)
+        validate_chat_keys(data_config)
+        if data_config.format != PREFERENCE_FORMAT:
+            raise DataError(f"data.format={data_config.format!r}; expected {PREFERENCE_FORMAT!r} "
+                            "(chosen / rejected pairs)")
+        if len(parse_sources(data_config.source)) != 1:
             raise DataError(
-                f"data.source={self.data_config.source!r}: data.format='preference' takes one JSONL file or "
+                f"data.source={data_config.source!r}: data.format='preference' takes one JSONL file or "
                 "directory (merge preference sets into one directory)"
             )
+
+    def _load_rows(self) -> PairRows:
+        specs = parse_sources(self.data_config.source)
         self.pairs = PreferencePairs(specs[0].path, self.tokenizer, self.data_config, self.seq_len)
         return PairRows(
             self.pairs,
@@ -211,14 +219,15 @@ class PreferenceIterator(TrainIterator):
     def read_report(self) -> ReadReport:
         return self.pairs.report
 
-    def _account(self, batch: dict[str, np.ndarray]) -> None:
+    def _account(self, rows: dict[str, np.ndarray]) -> None:
         stats = self.packing_stats
         stats.rows += self.local_batch_size
         stats.rows_per_corpus[0] += self.local_batch_size
         for side in SIDES:
-            stats.tokens += batch[f"{side}_input_ids"].size
-            stats.real_tokens += int(np.count_nonzero(batch[f"{side}_segment_ids"]))
-            stats.loss_tokens += int(batch[f"{side}_loss_mask"].sum())
+            fields = batch.sequence(rows, side)
+            stats.tokens += fields["input_ids"].size
+            stats.real_tokens += int(np.count_nonzero(fields["segment_ids"]))
+            stats.loss_tokens += int(fields["loss_mask"].sum())
             stats.segments += self.local_batch_size
 
     def stats(self) -> dict:

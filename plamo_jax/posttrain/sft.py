@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from plamo_jax.data.documents import TokenDocuments, documents_from_token_lists
-from plamo_jax.data.errors import DataError
+from plamo_jax.data.formats import CorpusFormat, CorpusRead
 from plamo_jax.data.sources import JSONL_SUFFIXES, ReadReport, iter_json_records, list_input_files
 from plamo_jax.data.tokenizer import Tokenizer, encode_to_array
+from plamo_jax.errors import DataError
 from plamo_jax.posttrain.jinja_template import JinjaChatTemplate, render_with_template
 
 ROLES = ("system", "user", "assistant")
@@ -170,6 +171,24 @@ def chat_documents(
         tokens.append(ids)
         masks.append(mask)
     return documents_from_token_lists(tokens, masks)
+
+
+def read_chat_corpus(source: str, tokenizer: Tokenizer, data_config) -> CorpusRead:
+    report = ReadReport()
+    documents = chat_documents(source, tokenizer, data_config, report)
+    if documents.num_documents == 0:
+        raise DataError(f"data.source entry {source!r} yielded no conversations: {report.summary()}")
+    return CorpusRead(documents, report, f"{source} ({report.summary()}, chat)")
+
+
+def validate_chat_keys(data_config) -> None:
+    """The keys that rendering conversations uses (chat SFT and preference pairs)."""
+    chat_template(data_config.chat_template)
+    if not data_config.messages_field:
+        raise DataError("data.messages_field is empty; expected the name of the messages field")
+
+
+CHAT = CorpusFormat("chat", read_chat_corpus, validate_chat_keys)
 
 
 _ONES = "零 一 二 三 四 五 六 七 八 九".split()

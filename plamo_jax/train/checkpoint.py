@@ -32,17 +32,12 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
+from plamo_jax.configuration import default_config
+from plamo_jax.errors import CheckpointError, ConfigError, IncompatibleCheckpointError
+
 log = logging.getLogger(__name__)
 
 STATE_ITEM, DATA_ITEM, CONFIG_ITEM, PARAMS_ITEM = "state", "data", "config", "params"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or written as asked; the message names the path."""
-
-
-class IncompatibleCheckpointError(CheckpointError):
-    """A readable checkpoint saved for a different model (parameter names or shapes differ)."""
 
 
 def _flat_shapes(tree: Mapping, prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -63,7 +58,7 @@ def _config_as_dict(config: Any) -> dict:
     raise TypeError(f"config must be a ConfigDict, a JSON string or a dict, got {type(config).__name__}")
 
 
-def _step_directories(directory: Path) -> list[int]:
+def committed_steps(directory: Path) -> list[int]:
     """Committed step numbers under an Orbax root (temporary, unfinished directories are not integers)."""
     if not directory.is_dir():
         return []
@@ -82,9 +77,9 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, every_steps: int, every_minutes: float = 0.0,
                  keep_last: int = 3, keep_every: int = 0, async_save: bool = True):
         if keep_last < 1:
-            raise ValueError(f"config key checkpoint.keep_last={keep_last}: expected at least 1")
+            raise ConfigError(f"config key checkpoint.keep_last={keep_last}: expected at least 1")
         if every_steps < 0 or every_minutes < 0 or keep_every < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint.every_steps={every_steps}, checkpoint.every_minutes={every_minutes}, "
                 f"checkpoint.keep_every={keep_every}: expected values >= 0"
             )
@@ -250,7 +245,7 @@ def _resolve_step_dir(path: Path, step: int | None) -> Path:
             raise CheckpointError(f"{path} is the checkpoint of step {path.name}, but step {step} was "
                                   "asked for")
         return path
-    steps = _step_directories(path)
+    steps = committed_steps(path)
     if not steps:
         raise CheckpointError(f"{path} holds no checkpoint (expected <step>/state or <step>/params inside)")
     if step is None:
@@ -279,8 +274,6 @@ def load_config(path: str | Path, step: int | None = None) -> ml_collections.Con
 
 def _with_current_defaults(saved: dict, where: str) -> ml_collections.ConfigDict:
     """The saved config laid over today's defaults, so keys added since the save get their default values."""
-    from plamo_jax.configuration import default_config
-
     config = default_config()
 
     def overlay(target: ml_collections.ConfigDict, values: Mapping, prefix: str) -> None:
@@ -354,8 +347,8 @@ def _select(tree: Mapping, only: Mapping, where: str) -> dict:
 def save_params(path: str | Path, params: Any, config: Any, step: int = 0) -> Path:
     """Write a parameters-only checkpoint `path/<step>/{params,config}`; refuses to overwrite one."""
     path = Path(path).absolute()
-    if _step_directories(path):
-        raise CheckpointError(f"{path} already holds checkpoints {_step_directories(path)}; "
+    if committed_steps(path):
+        raise CheckpointError(f"{path} already holds checkpoints {committed_steps(path)}; "
                               "expected an empty or new directory (nothing is overwritten)")
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
     with ocp.CheckpointManager(path, options=options, item_names=(PARAMS_ITEM, CONFIG_ITEM)) as manager:

@@ -1,4 +1,4 @@
-"""Next-token cross entropy in fp32 with PaLM z-loss, masked by a loss mask."""
+"""Masked losses in fp32: next-token cross entropy with PaLM z-loss, and per-sequence log-likelihoods."""
 
 from __future__ import annotations
 
@@ -27,3 +27,14 @@ def cross_entropy_sums(
         "correct": correct.sum(),
         "tokens": mask.sum(),
     }
+
+
+def sequence_log_probs(
+    logits_BLV: jax.Array, targets_BL: jax.Array, loss_mask_BL: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of log p(target) over masked-in positions [B], masked-in tokens [B]) per row, in fp32."""
+    logits = logits_BLV.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets_BL[..., None], axis=-1)[..., 0]
+    log_probs = target_logit - jax.nn.logsumexp(logits, axis=-1)
+    mask = loss_mask_BL.astype(jnp.float32)
+    return jnp.sum(log_probs * mask, axis=-1), jnp.sum(mask, axis=-1)

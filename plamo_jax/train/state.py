@@ -14,7 +14,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from plamo_jax.models.decoder import Decoder
 from plamo_jax.parallel import rules as rules_lib
-from plamo_jax.train.step import make_train_step
 
 BATCH_LOGICAL_AXES = ("act_batch", "act_length")
 
@@ -108,26 +107,6 @@ def init_state(
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32), shardings["rng"])
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
     return {"step": step, "params": params, "opt_state": opt_state, "rng": rng}
-
-
-def jit_train_step(
-    config: ml_collections.ConfigDict, setup: ModelSetup, optimizer: optax.GradientTransformation
-):
-    """The train step jitted once with the state and batch shardings; the incoming state is donated."""
-    shardings = state_shardings(setup, optimizer)
-    step = make_train_step(
-        setup.graphdef,
-        optimizer,
-        config.model,
-        z_loss=config.train.z_loss,
-        num_microbatches=config.train.microbatches,
-    )
-    return jax.jit(
-        step,
-        in_shardings=(shardings, batch_sharding(setup.mesh, setup.rules)),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
-    )
 
 
 def batch_sharding(mesh: Mesh, rules: rules_lib.Rules) -> NamedSharding:

@@ -1,12 +1,15 @@
-"""The train and eval steps as pure functions of (state, batch), jitted once with explicit shardings.
+"""The train step as a pure function of (state, batch, frozen), the same for every objective.
 
 State is a dict pytree {"step", "params", "opt_state", "rng"} with params as a pure nested dict, so
-the same tree goes to Orbax, to the Hugging Face converters and to `jax.jit` unchanged.
+the same tree goes to Orbax, to the Hugging Face converters and to `jax.jit` unchanged. The
+objective (train/objectives/) turns a batch into an objective sum and metric sums; everything is a
+sum, so microbatches accumulate exactly and the gradient is divided once by the objective's count.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -15,36 +18,37 @@ import ml_collections
 import optax
 from flax import nnx
 
-from plamo_jax.train.losses import cross_entropy_sums
+from plamo_jax.models import registry
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("input_ids", "target_ids", "segment_ids", "positions", "loss_mask")
+LossSums = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def model_loss_sums(
-    graphdef: nnx.GraphDef, params: Any, batch: Batch, model_cfg: ml_collections.ConfigDict, z_loss: float
-) -> tuple[jax.Array, dict]:
-    """(objective sum, metric sums) for one batch; the objective is normalised by the caller."""
+def forward(graphdef: nnx.GraphDef, params: Any, fields: Batch) -> tuple[jax.Array, dict]:
+    """(fp32 logits [B, L, V], per-block aux) of the model on one sequence's fields."""
     model = nnx.merge(graphdef, params)
-    logits, aux = model(batch["input_ids"], batch["segment_ids"], batch["positions"])
-    sums = cross_entropy_sums(logits, batch["target_ids"], batch["loss_mask"], z_loss)
-    objective = sums["cross_entropy"] + sums["z_loss"]
-    # Auxiliary losses (MoE) are per-token means per block: weight by tokens so sums stay additive.
-    # Logged unweighted (summed over blocks); the objective adds coefficient x that.
-    for name, coefficient in auxiliary_loss_weights(model_cfg).items():
+    return model(fields["input_ids"], fields["segment_ids"], fields["positions"])
+
+
+def add_auxiliary_losses(objective: jax.Array, sums: dict, aux: Mapping[str, jax.Array],
+                         model_cfg: ml_collections.ConfigDict, count: jax.Array) -> jax.Array:
+    """Add the family's auxiliary losses (e.g. MoE load balance) to `objective`; log them in `sums`.
+
+    Auxiliary losses are per-block means: each is summed over blocks and weighted by `count` (tokens or
+    pairs) so that sums stay additive over microbatches; the objective adds coefficient x that.
+    """
+    for name, coefficient in registry.get_family(model_cfg).auxiliary_losses(model_cfg).items():
         if name in aux:
-            sums[name] = jnp.sum(aux[name]) * sums["tokens"]
+            sums[name] = jnp.sum(aux[name]) * count
             objective = objective + coefficient * sums[name]
-    for name, value in aux.items():  # statistics (per block, per expert): token-weighted like the rest
+    return objective
+
+
+def add_statistics(sums: dict, aux: Mapping[str, jax.Array], count: jax.Array) -> None:
+    """Per-block statistics (tokens per expert, dropped fraction, ...) as `aux/<name>`, count-weighted."""
+    for name, value in aux.items():
         if name not in sums:
-            sums[f"aux/{name}"] = value.astype(jnp.float32) * sums["tokens"]
-    return objective, sums
-
-
-def auxiliary_loss_weights(model_cfg: ml_collections.ConfigDict) -> dict[str, float]:
-    if model_cfg.family != "moe":
-        return {}
-    return {"load_balance_loss": model_cfg.moe_aux_loss, "router_z_loss": model_cfg.router_z_loss}
+            sums[f"aux/{name}"] = value.astype(jnp.float32) * count
 
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
@@ -57,7 +61,7 @@ def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def accumulate_gradients(loss_sums_fn, params: Any, batch: Batch, num_microbatches: int):
+def accumulate_gradients(loss_sums_fn: LossSums, params: Any, batch: Batch, num_microbatches: int):
     """(gradient sums, metric sums) of `loss_sums_fn(params, batch) -> (objective sum, sums)`.
 
     Everything is a sum, so accumulating over microbatches equals one pass over the whole batch.
@@ -91,48 +95,23 @@ def apply_gradients(
     return dict(state, step=state["step"] + 1, params=params, opt_state=opt_state), norms
 
 
-def train_step(
-    state: dict,
-    batch: Batch,
-    *,
-    graphdef: nnx.GraphDef,
-    optimizer: optax.GradientTransformation,
-    model_cfg: ml_collections.ConfigDict,
-    z_loss: float,
-    num_microbatches: int,
-):
-    """One optimizer step; gradients accumulate over `num_microbatches` inside the step."""
-    grads, sums = accumulate_gradients(
-        lambda params, mb: model_loss_sums(graphdef, params, mb, model_cfg, z_loss),
-        state["params"],
-        batch,
-        num_microbatches,
-    )
-    new_state, norms = apply_gradients(state, grads, sums["tokens"], optimizer)
-    return new_state, summarize(sums) | norms
+def train_step(state: dict, batch: Batch, frozen: Any, *, objective, config: ml_collections.ConfigDict,
+               graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation):
+    """One optimizer step of `objective`; gradients accumulate over train.microbatches inside the step.
+
+    frozen: the objective's frozen parameters (DPO's reference), or None.
+    """
+
+    def loss_sums(params, microbatch):
+        return objective.loss_sums(graphdef, params, frozen, microbatch, config)
+
+    grads, sums = accumulate_gradients(loss_sums, state["params"], batch, config.train.microbatches)
+    new_state, norms = apply_gradients(state, grads, sums[objective.normalizer], optimizer)
+    return new_state, objective.metrics(sums) | norms
 
 
-def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    tokens = jnp.maximum(sums["tokens"], 1.0)
-    metrics = {
-        "loss": (sums["cross_entropy"] + sums["z_loss"]) / tokens,
-        "cross_entropy": sums["cross_entropy"] / tokens,
-        "z_loss": sums["z_loss"] / tokens,
-        "accuracy": sums["correct"] / tokens,
-        "tokens": sums["tokens"],
-    }
-    for name, value in sums.items():
-        if name not in metrics and name not in ("correct",):
-            metrics[name] = value / tokens
-    return metrics
-
-
-def make_train_step(graphdef, optimizer, model_cfg, *, z_loss: float, num_microbatches: int):
-    return functools.partial(
-        train_step,
-        graphdef=graphdef,
-        optimizer=optimizer,
-        model_cfg=model_cfg,
-        z_loss=z_loss,
-        num_microbatches=num_microbatches,
-    )
+def make_train_step(objective, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                    optimizer: optax.GradientTransformation):
+    """(state, batch, frozen) -> (state, metrics), not yet jitted (train/run.py jits it with shardings)."""
+    return functools.partial(train_step, objective=objective, config=config, graphdef=graphdef,
+                             optimizer=optimizer)

@@ -1,4 +1,11 @@
-"""The training loop: mesh, sharded state, data, jitted step, metrics, checkpoints, preemption."""
+"""The training loop: build the run, choose the initial state, step, log metrics, checkpoint, stop cleanly.
+
+    train(config) -> TrainResult
+
+The run (mesh, model, objective, jitted step) comes from `train/run.py`; the initial state is the
+newest readable checkpoint in train.output_dir, else checkpoint.init_params (or what the objective
+starts from), else a fresh initialisation.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +15,18 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from plamo_jax.configuration import ConfigError, mesh_rules, validate_config
-from plamo_jax.data.pipeline import make_train_iterator, validate_data_config
-from plamo_jax.parallel.mesh import make_mesh
+from plamo_jax.errors import ConfigError
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import flops as flops_lib
 from plamo_jax.train import state as state_lib
-from plamo_jax.train.checkpoint import Checkpointer, CheckpointError, load_params
-from plamo_jax.train.checkpoint import load_config as load_checkpoint_config
+from plamo_jax.train.checkpoint import Checkpointer
+from plamo_jax.train.continuation import check_sources, checkpoint_directory, load_init_params
 from plamo_jax.train.metrics import MetricsWriter, Progress, flatten_metrics
-from plamo_jax.train.optimizer import make_optimizer
+from plamo_jax.train.run import Run, build_run
 
 log = logging.getLogger(__name__)
 
@@ -62,56 +66,6 @@ class PreemptionFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-# Model keys that decide which parameters exist and what they mean; they must match an init checkpoint.
-ARCHITECTURE_KEYS = (
-    "family",
-    "vocab_size",
-    "d_model",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "mlp_dim",
-    "qk_norm",
-    "tie_embeddings",
-    "mamba_step",
-    "ssm_num_heads",
-    "ssm_head_dim",
-    "ssm_state_dim",
-    "ssm_conv_width",
-    "num_experts",
-    "num_shared_experts",
-    "expert_mlp_dim",
-)
-# Keys a continued run may change on purpose (context extension, PLaMo 2's switch to full attention).
-CHANGEABLE_KEYS = ("rope_theta", "norm_eps", "attention_window", "full_attention_layers")
-
-
-def check_init_params_config(config: ml_collections.ConfigDict) -> None:
-    path = config.checkpoint.init_params
-    try:
-        saved = load_checkpoint_config(path).model
-    except CheckpointError as error:
-        raise ConfigError(f"config key checkpoint.init_params={path!r}: {error}") from None
-    ours = config.model
-    mismatched = [key for key in ARCHITECTURE_KEYS if key in saved and saved[key] != ours[key]]
-    if mismatched:
-        listed = ", ".join(f"model.{k}={ours[k]!r} (checkpoint: {saved[k]!r})" for k in mismatched)
-        raise ConfigError(
-            f"config key checkpoint.init_params={path!r}: the checkpoint's model differs in {listed}; "
-            "expected the recipe to describe the same architecture"
-        )
-    for key in CHANGEABLE_KEYS:
-        if key in saved and saved[key] != ours[key]:
-            log.warning(
-                "model.%s=%r differs from the init checkpoint's %r; continuing with %r",
-                key,
-                ours[key],
-                saved[key],
-                ours[key],
-            )
 
 
 def log_data_summary(data) -> None:
@@ -155,7 +109,7 @@ def make_checkpointer(config: ml_collections.ConfigDict) -> Checkpointer | None:
     if not c.enabled:
         return None
     return Checkpointer(
-        f"{config.train.output_dir}/checkpoints",
+        checkpoint_directory(config),
         every_steps=c.every_steps,
         every_minutes=c.every_minutes,
         keep_last=c.keep_last,
@@ -164,147 +118,130 @@ def make_checkpointer(config: ml_collections.ConfigDict) -> Checkpointer | None:
     )
 
 
-def make_step_fn(config: ml_collections.ConfigDict, setup: state_lib.ModelSetup, optimizer, reference):
-    """(state, global batch) -> (state, metrics) for train.objective (DPO: against `reference`)."""
-    if config.train.objective == "dpo":
-        from plamo_jax.posttrain.dpo import jit_dpo_step
+def initial_state(run: Run, checkpointer: Checkpointer | None, data, frozen) -> dict:
+    """The newest readable checkpoint (data position restored too), else the objective's or
+    checkpoint.init_params's parameters with a fresh optimizer, else a fresh initialisation."""
+    config = run.config
+    if checkpointer is not None and checkpointer.all_steps():
+        restored = checkpointer.restore_latest(run.abstract_state())
+        if restored is not None:
+            state, data_state = restored
+            data.set_state(data_state)
+            return state
+    params = run.objective.start_params(frozen) if frozen is not None else None
+    if params is None and config.checkpoint.init_params:
+        # Continual pre-training / SFT: parameters from a converted, upcycled or pruned checkpoint.
+        params = load_init_params(config, run.setup)
+    if params is not None:
+        log.info("initialised parameters from %s", config.checkpoint.init_params)
+    return run.fresh_state(params)
 
-        dpo_step = jit_dpo_step(config, setup, optimizer)
-        return lambda state, batch: dpo_step(state, batch, reference)
-    return state_lib.jit_train_step(config, setup, optimizer)
+
+class MetricsLog:
+    """Device metrics kept per step and fetched every log interval: TensorBoard / JSONL, progress bar."""
+
+    def __init__(self, run: Run, data, start_step: int):
+        config = run.config
+        is_main = jax.process_index() == 0
+        self.data = data
+        self.tokens_per_step = run.tokens_per_step
+        self.flops_per_token = run.flops_per_token
+        self.peak = flops_lib.peak_flops_per_device(config.train.peak_flops_per_device)
+        self.writer = MetricsWriter(config.train.output_dir, enabled=is_main)
+        self.progress = Progress(start_step, config.train.steps, enabled=is_main)
+        self.pending: list[tuple[int, dict]] = []
+        self.last: dict[str, float] = {}
+        self._interval_start = time.perf_counter()
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        fetched = jax.device_get([metrics for _, metrics in self.pending])
+        elapsed = time.perf_counter() - self._interval_start
+        tokens_per_second = len(self.pending) * self.tokens_per_step / elapsed
+        interval = {"perf/tokens_per_second": tokens_per_second,
+                    "perf/step_seconds": elapsed / len(self.pending), **data_metrics(self.data)}
+        if self.peak:
+            interval["perf/mfu"] = tokens_per_second * self.flops_per_token / (jax.device_count() * self.peak)
+        for (step, _), values in zip(self.pending, fetched, strict=True):
+            self.last = flatten_metrics(values)
+            self.writer.write(step, self.last | (interval if step == self.pending[-1][0] else {}))
+        shown = {"loss": f"{self.last['loss']:.4f}", "tok_s": f"{tokens_per_second:,.0f}"}
+        if self.peak:
+            shown["mfu"] = f"{interval['perf/mfu']:.1%}"
+        self.progress.update(len(self.pending), **shown)
+        self.pending.clear()
+        self._interval_start = time.perf_counter()
+
+    def close(self) -> None:
+        self.flush()
+        self.progress.close()
+        self.writer.close()
 
 
-def train(config: ml_collections.ConfigDict) -> TrainResult:
-    t = config.train
-    validate_config(config, jax.device_count())
-    validate_data_config(config.data)
-    mesh = make_mesh(config.mesh)
-    rules = mesh_rules(config)
-    setup = state_lib.setup_model(config.model, mesh, rules)
-    optimizer = make_optimizer(config.optimizer, t.steps)
-    is_main = jax.process_index() == 0
-    data = make_train_iterator(
-        config.data,
-        seq_len=t.seq_len,
-        global_batch_size=t.global_batch_size,
-        seed=t.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+def log_run_summary(run: Run) -> None:
+    log.info("model: %s parameters (%s); mesh %s; %d tokens/step; %.3g FLOPs/token",
+             f"{state_lib.parameter_count(run.setup.abstract_params):,}", run.family.name,
+             dict(run.mesh.shape), run.tokens_per_step, run.flops_per_token)
+
+
+def make_data(run: Run):
+    config, t = run.config, run.config.train
+    data = run.objective.make_iterator(config.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                                       seed=t.seed, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
     if data.tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(
             f"config key model.vocab_size={config.model.vocab_size}: expected at least the tokenizer's "
             f"vocabulary of {data.tokenizer.vocab_size} ({config.data.tokenizer})"
         )
-    if is_main:
+    return data
+
+
+def train(config: ml_collections.ConfigDict) -> TrainResult:
+    run = build_run(config)
+    run.check_process_rows()
+    check_sources(config, run.objective)  # before any data is read or directory written
+    data = make_data(run)
+    if jax.process_index() == 0:
         log_data_summary(data)
     checkpointer = make_checkpointer(config)
+    try:
+        return train_loop(run, data, checkpointer)
+    finally:
+        if checkpointer is not None:
+            checkpointer.wait_until_finished()
+            checkpointer.close()
+        data.close()
 
-    reference = None  # DPO: the frozen starting parameters, read once (a fresh run copies them)
-    if t.objective == "dpo":
-        check_init_params_config(config)
-        reference, _ = load_params(config.checkpoint.init_params, shardings=setup.param_shardings)
-        log.info("DPO reference: the frozen parameters of %s", config.checkpoint.init_params)
-    state = None
-    if checkpointer is not None:
-        restored = checkpointer.restore_latest(state_lib.abstract_state(setup, optimizer))
-        if restored is not None:
-            state, data_state = restored
-            data.set_state(data_state)
-    if state is None and config.checkpoint.init_params:
-        # Continual pre-training: parameters from a converted or upcycled checkpoint, fresh optimizer.
-        if reference is None:
-            check_init_params_config(config)
-            params, _ = load_params(config.checkpoint.init_params, shardings=setup.param_shardings)
-        else:
-            params = jax.tree.map(jnp.copy, reference)  # the step donates the state; the reference stays
-        state = state_lib.init_state(config.model, setup, optimizer, t.seed, params=params)
-        log.info("initialised parameters from %s", config.checkpoint.init_params)
-    if state is None:
-        state = state_lib.init_state(config.model, setup, optimizer, t.seed)
-    start_step = int(state["step"])
 
-    batch_sharding = state_lib.batch_sharding(mesh, rules)
-    held = state_lib.rows_per_process(batch_sharding, t.global_batch_size, t.seq_len)
-    per_process = t.global_batch_size // jax.process_count()
-    if held != per_process:
-        raise ConfigError(
-            f"config section mesh: each process's devices hold {held} of the {t.global_batch_size} batch "
-            f"rows, but each of the {jax.process_count()} processes reads {per_process}; expected the batch "
-            "axes (data x fsdp x expert) to split the batch across processes"
-        )
-    step_fn = make_step_fn(config, setup, optimizer, reference)
-
-    num_params = state_lib.parameter_count(setup.abstract_params)
-    tokens_per_step = t.global_batch_size * t.seq_len
-    flops_per_token = flops_lib.train_flops_per_token(config.model, t.seq_len)
-    if t.objective == "dpo":
-        # Each row is a pair (two sequences), and the reference adds a forward pass (1/3 of fwd + bwd).
-        tokens_per_step *= 2
-        flops_per_token *= 4 / 3
-    peak = flops_lib.peak_flops_per_device(t.peak_flops_per_device)
-    if is_main:
-        log.info(
-            "model: %s parameters; mesh %s; %d tokens/step; %.3g FLOPs/token",
-            f"{num_params:,}",
-            dict(mesh.shape),
-            tokens_per_step,
-            flops_per_token,
-        )
-
-    writer = MetricsWriter(t.output_dir, enabled=is_main)
-    progress = Progress(start_step, t.steps, enabled=is_main)
-    pending: list[tuple[int, dict]] = []
-    last_metrics: dict[str, float] = {}
-    interval_start, interval_steps = time.perf_counter(), 0
+def train_loop(run: Run, data, checkpointer: Checkpointer | None) -> TrainResult:
+    """From the initial state to train.steps or a preemption, saving as configured."""
+    config = run.config
+    frozen = run.load_frozen()  # e.g. DPO's reference, read once
+    state = initial_state(run, checkpointer, data, frozen)
+    start_step, steps = int(state["step"]), config.train.steps
+    if jax.process_index() == 0:
+        log_run_summary(run)
+    metrics = MetricsLog(run, data, start_step)
     preempted = False
-
-    def flush_metrics() -> None:
-        nonlocal last_metrics, interval_start, interval_steps
-        if not pending:
-            return
-        fetched = jax.device_get([m for _, m in pending])
-        elapsed = time.perf_counter() - interval_start
-        tokens_per_second = interval_steps * tokens_per_step / elapsed
-        interval_metrics = {
-            "perf/tokens_per_second": tokens_per_second,
-            "perf/step_seconds": elapsed / interval_steps,
-            **data_metrics(data),
-        }
-        if peak:
-            interval_metrics["perf/mfu"] = tokens_per_second * flops_per_token / (jax.device_count() * peak)
-        for (step, _), values in zip(pending, fetched, strict=True):
-            last_metrics = flatten_metrics(values)
-            writer.write(step, last_metrics | (interval_metrics if step == pending[-1][0] else {}))
-        progress.update(
-            len(pending),
-            loss=f"{last_metrics['loss']:.4f}",
-            tok_s=f"{tokens_per_second:,.0f}",
-            **({"mfu": f"{interval_metrics['perf/mfu']:.1%}"} if peak else {}),
-        )
-        pending.clear()
-        interval_start, interval_steps = time.perf_counter(), 0
-
-    with PreemptionFlag() as preemption, sharding_context(mesh, rules):
-        for step in range(start_step, t.steps):
-            batch = state_lib.global_batch(next(data), batch_sharding, t.global_batch_size)
-            state, metrics = step_fn(state, batch)
-            pending.append((step + 1, metrics))
-            interval_steps += 1
-            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-                flush_metrics()
+    with PreemptionFlag() as preemption, sharding_context(run.mesh, run.rules):
+        for step in range(start_step, steps):
+            batch = state_lib.global_batch(next(data), run.batch_sharding, config.train.global_batch_size)
+            state, step_metrics = run.step(state, batch, frozen)
+            metrics.add(step + 1, step_metrics)
+            if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
+                metrics.flush()
             stop = preemption.agreed()
             if checkpointer is not None:
-                force = stop or step + 1 == t.steps
+                force = stop or step + 1 == steps
                 if checkpointer.maybe_save(step + 1, state, data.get_state(), config.to_json(), force=force):
-                    flush_metrics()
+                    metrics.flush()
             if stop:
                 preempted = True
                 break
-        flush_metrics()
-    if checkpointer is not None:
-        checkpointer.wait_until_finished()
-        checkpointer.close()
-    progress.close()
-    writer.close()
-    return TrainResult(int(state["step"]), last_metrics, preempted, state)
+    metrics.close()
+    return TrainResult(int(state["step"]), metrics.last, preempted, state)
