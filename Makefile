@@ -20,7 +20,7 @@ train: setup
 	$(PY) launch/train.py --config configs/tiny.py
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2  # two workers: the tests are mostly single-threaded XLA programs
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

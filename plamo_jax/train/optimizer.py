@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from plamo_jax.errors import ConfigError
+
 SCHEDULES = ("cosine", "wsd", "constant")
 WSD_DECAY_SHAPES = ("linear", "cosine", "sqrt")
 
@@ -33,7 +35,7 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
                 remaining = 1.0 - jnp.sqrt(progress)
             return floor + (peak - floor) * remaining
     else:
-        raise ValueError(f"config key optimizer.schedule={opt.schedule!r}: expected one of {SCHEDULES}")
+        raise ConfigError(f"config key optimizer.schedule={opt.schedule!r}: expected one of {SCHEDULES}")
     return optax.join_schedules([warmup_fn, main], [warmup])
 
 
