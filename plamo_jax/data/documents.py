@@ -17,10 +17,13 @@ from plamo_jax.data.tokenizer import Tokenizer, encode_to_array
 
 
 class DocumentPart:
-    """One flat token array and the offsets of its documents (offsets[i]:offsets[i+1] is document i).
+    """One flat token array and where its documents lie in it: document i is tokens[starts[i]:ends[i]].
 
-    A part backed by a file is memory-mapped on first use and not pickled, so Grain worker
-    processes open their own maps and each process only pages in the windows it reads.
+    Built from `offsets` (documents back to back: document i is offsets[i]:offsets[i+1]) or, with
+    `DocumentPart.spans`, from separate starts and ends (a corpus whose unusable documents are left
+    out without copying its tokens). A part backed by a file is memory-mapped on first use and not
+    pickled, so Grain worker processes open their own maps and each process only pages in the windows
+    it reads. The file is a `.npy` array, or headerless tokens of `raw_dtype` (a Megatron `.bin`).
     """
 
     def __init__(
@@ -29,25 +32,51 @@ class DocumentPart:
         tokens: np.ndarray | None = None,
         tokens_path: Path | None = None,
         target_mask: np.ndarray | None = None,
+        raw_dtype: np.dtype | None = None,
     ):
+        offsets = np.asarray(offsets, dtype=np.int64)
+        self._init(offsets[:-1], offsets[1:], tokens, tokens_path, raw_dtype)
+        if target_mask is not None and len(target_mask) != offsets[-1]:
+            raise ValueError(f"target mask has {len(target_mask)} entries for {offsets[-1]} tokens")
+        self.target_mask = target_mask
+
+    @classmethod
+    def spans(cls, starts: np.ndarray, ends: np.ndarray, *, tokens_path: Path,
+              raw_dtype: np.dtype | None = None) -> DocumentPart:
+        """Documents tokens[starts[i]:ends[i]] of a file, in that order (spans may leave gaps)."""
+        part = cls.__new__(cls)
+        part._init(np.asarray(starts, np.int64), np.asarray(ends, np.int64), None, tokens_path, raw_dtype)
+        part.target_mask = None
+        return part
+
+    def _init(self, starts, ends, tokens, tokens_path, raw_dtype) -> None:
         if (tokens is None) == (tokens_path is None):
             raise ValueError("DocumentPart needs exactly one of tokens or tokens_path")
-        self.offsets = np.asarray(offsets, dtype=np.int64)
+        if len(starts) != len(ends):
+            raise ValueError(f"{len(starts)} document starts but {len(ends)} ends")
+        self.starts, self.ends = starts, ends
         self._tokens = tokens
         self.tokens_path = tokens_path
-        if target_mask is not None and len(target_mask) != self.offsets[-1]:
-            raise ValueError(f"target mask has {len(target_mask)} entries for {self.offsets[-1]} tokens")
-        self.target_mask = target_mask
+        self.raw_dtype = None if raw_dtype is None else np.dtype(raw_dtype)
 
     @property
     def tokens(self) -> np.ndarray:
         if self._tokens is None:
-            self._tokens = np.load(self.tokens_path, mmap_mode="r")
+            if self.raw_dtype is None:
+                self._tokens = np.load(self.tokens_path, mmap_mode="r")
+            elif self.num_documents:
+                self._tokens = np.memmap(self.tokens_path, dtype=self.raw_dtype, mode="r")
+            else:
+                self._tokens = np.zeros(0, self.raw_dtype)  # an empty file cannot be memory-mapped
         return self._tokens
 
     @property
     def num_documents(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.starts)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.ends - self.starts
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -65,9 +94,7 @@ class TokenDocuments:
         counts = np.array([part.num_documents for part in parts], dtype=np.int64)
         self._part_starts = np.concatenate([[0], np.cumsum(counts)])
         self.num_documents = int(self._part_starts[-1])
-        self.lengths = (
-            np.concatenate([np.diff(part.offsets) for part in parts]) if parts else np.zeros(0, np.int64)
-        )
+        self.lengths = np.concatenate([part.lengths for part in parts]) if parts else np.zeros(0, np.int64)
         self.total_tokens = int(self.lengths.sum())
         masked = {part.target_mask is not None for part in parts}
         if len(masked) > 1:
@@ -78,7 +105,7 @@ class TokenDocuments:
         part_index = int(np.searchsorted(self._part_starts, index, side="right")) - 1
         part = self.parts[part_index]
         local = index - int(self._part_starts[part_index])
-        return part, int(part.offsets[local]), int(part.offsets[local + 1])
+        return part, int(part.starts[local]), int(part.ends[local])
 
     def document(self, index: int) -> np.ndarray:
         part, start, end = self._locate(index)

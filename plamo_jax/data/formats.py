@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
-from plamo_jax.data import shards
+from plamo_jax.data import megatron, shards
 from plamo_jax.data.documents import TokenDocuments, documents_from_texts
 from plamo_jax.data.seqio_source import seqio_documents
 from plamo_jax.data.sources import ReadReport, iter_documents
@@ -40,7 +40,10 @@ class CorpusFormat:
 
 
 def read_text_corpus(path: str, tokenizer: Tokenizer, data_config: DataConfig) -> CorpusRead:
-    """A tokenized corpus directory (memory-mapped), a seqio task, or raw files / `builtin` (tokenized)."""
+    """A tokenized corpus directory or a Megatron .bin/.idx pair (memory-mapped), a seqio task, or raw
+    files / `builtin` (tokenized)."""
+    if path.startswith(megatron.SOURCE_PREFIX):
+        return read_megatron_corpus(path.removeprefix(megatron.SOURCE_PREFIX), tokenizer, data_config)
     if path.startswith("seqio:"):
         documents = seqio_documents(path.removeprefix("seqio:"), tokenizer, add_bos=data_config.add_bos,
                                     feature=data_config.text_field)
@@ -63,6 +66,16 @@ def read_text_corpus(path: str, tokenizer: Tokenizer, data_config: DataConfig) -
     if documents.num_documents == 0:
         raise DataError(f"data.source entry {path!r} yielded no documents: {report.summary()}")
     return CorpusRead(documents, report, f"{path} ({report.summary()})")
+
+
+def read_megatron_corpus(prefix: str, tokenizer: Tokenizer, data_config: DataConfig) -> CorpusRead:
+    """`PREFIX.bin` / `PREFIX.idx` as Megatron-LM wrote them; token ids must fit data.tokenizer."""
+    report = ReadReport()
+    documents = megatron.open_megatron_corpus(prefix, report=report, on_bad_input=data_config.on_bad_input)
+    megatron.check_token_ids(documents, tokenizer.vocab_size, f"Megatron dataset {prefix!r}")
+    description = (f"{megatron.SOURCE_PREFIX}{prefix} ({documents.num_documents} documents, "
+                   f"{documents.total_tokens} tokens; {report.summary()})")
+    return CorpusRead(documents, report, description)
 
 
 def _check_manifest(path: Path, manifest: dict, tokenizer: Tokenizer, data_config: DataConfig) -> None:

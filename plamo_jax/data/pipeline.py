@@ -23,6 +23,7 @@ from absl import flags
 
 from plamo_jax.data.documents import TokenDocuments
 from plamo_jax.data.formats import TEXT_ONLY, CorpusFormat
+from plamo_jax.data.megatron import parse_blend
 from plamo_jax.data.mixture import MixtureSchedule
 from plamo_jax.data.packing import PACKING_CHOICES, PackedRows
 from plamo_jax.data.sources import ReadReport, check_on_bad_input
@@ -44,12 +45,17 @@ def parse_sources(source: str, format_names: Sequence[str] = ()) -> list[CorpusS
     """`[format:]path[:weight],...` -> specs; a weight defaults to 1, a format to data.format.
 
     A prefix naming one of `format_names` (e.g. `chat:`, `text:`) mixes formats in one run, e.g. SFT
-    conversations with some pre-training text so the model does not forget it.
+    conversations with some pre-training text so the model does not forget it. An entry that is a
+    Megatron-LM blend (`0.3 PREFIX_A 0.7 PREFIX_B`) stands for `megatron:PREFIX_A:0.3,megatron:PREFIX_B:0.7`.
     """
     specs = []
     for item in (part.strip() for part in source.split(",")):
         if not item:
             raise DataError(f"data.source={source!r} has an empty entry; expected 'path[:weight],...'")
+        blend = parse_blend(item)
+        if blend is not None:
+            specs.extend(CorpusSpec(path=path, weight=weight) for path, weight in blend)
+            continue
         path, weight = item, 1.0
         head, separator, tail = item.rpartition(":")
         if separator and head:
