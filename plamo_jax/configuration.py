@@ -121,6 +121,26 @@ def _train_defaults() -> ml_collections.ConfigDict:
     t.log_every = 10
     t.output_dir = "runs/default"
     t.peak_flops_per_device = 0.0  # 0 = look up the device kind; set it for CPUs
+    # Guards (train/guards.py). A step whose loss, gradient norm or updated parameters are not finite,
+    # or whose loss or gradient norm spikes above mean + spike_sigma x std of the last spike_window
+    # healthy steps, is skipped: parameters and optimizer state stay as they were.
+    t.max_bad_steps = 10  # this many consecutive skipped steps stop the run (exit status 3)
+    t.spike_sigma = 6.0  # 0 turns the spike test off (the non-finite test always applies)
+    t.spike_window = 128  # healthy steps the mean and std are taken over
+    t.spike_warmup = 20  # healthy steps seen before the spike test applies
+    # After rewind_after consecutive skipped steps, restart from the newest checkpoint a later healthy
+    # step vouched for and skip the rewind_skip_batches batches that follow it (PaLM); 0 = never rewind.
+    t.rewind_after = 0
+    t.rewind_skip_batches = 0
+    t.max_rewinds = 3
+    # Batch-size ramp-up, Megatron's --rampup-batch-size START INCREMENT SAMPLES: the global batch starts
+    # at rampup_batch_start and grows by rampup_batch_increment sequences every
+    # rampup_samples / ((global_batch_size - start) / increment) samples. 0 = off. Under a ramp the
+    # learning-rate schedule runs on consumed samples (optimizer.warmup_steps and train.steps count
+    # batches of the full global_batch_size).
+    t.rampup_batch_start = 0
+    t.rampup_batch_increment = 0
+    t.rampup_samples = 0
     return t
 
 
@@ -232,6 +252,22 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     _require(t.steps > 0, "train.steps", t.steps, "a positive number of steps")
     _require(t.log_every > 0, "train.log_every", t.log_every, "a positive number of steps")
     _require(bool(t.output_dir), "train.output_dir", t.output_dir, "a directory for checkpoints and metrics")
+    _require(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "at least 1")
+    _require(t.spike_sigma >= 0, "train.spike_sigma", t.spike_sigma, ">= 0 (0 = no spike test)")
+    _require(t.spike_window >= 2, "train.spike_window", t.spike_window, "at least 2 steps")
+    _require(t.spike_warmup >= 2, "train.spike_warmup", t.spike_warmup, "at least 2 steps")
+    for key in ("rewind_after", "rewind_skip_batches", "max_rewinds"):
+        _require(t[key] >= 0, f"train.{key}", t[key], ">= 0")
+    _require(t.rewind_after == 0 or t.rewind_after < t.max_bad_steps, "train.rewind_after", t.rewind_after,
+             f"0 or fewer than train.max_bad_steps={t.max_bad_steps} (a rewind must come before the stop)")
+    o = config.optimizer
+    _require(o.learning_rate >= 0, "optimizer.learning_rate", o.learning_rate, ">= 0")
+    _require(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, ">= 0")
+    _require(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
+    _require(o.clip_norm >= 0, "optimizer.clip_norm", o.clip_norm, ">= 0 (0 = no clipping)")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, ">= 0")
+    _require(0 < o.wsd_decay_fraction <= 1, "optimizer.wsd_decay_fraction", o.wsd_decay_fraction, "in (0, 1]")
+    _validate_rampup(t, batch_shards * t.microbatches)
     c = config.checkpoint
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "at least 1")
     for key in ("every_steps", "every_minutes", "keep_every"):
@@ -248,3 +284,20 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         config.optimizer.wsd_decay_shape,
         f"one of {WSD_DECAY_SHAPES}",
     )
+
+
+def _validate_rampup(t: ml_collections.ConfigDict, batch_multiple: int) -> None:
+    """Every batch of a ramp must split over microbatches and batch shards like the full batch."""
+    keys = (t.rampup_batch_start, t.rampup_batch_increment, t.rampup_samples)
+    if not any(keys):
+        return
+    _require(all(k > 0 for k in keys), "train.rampup_batch_start", keys,
+             "rampup_batch_start, rampup_batch_increment and rampup_samples all > 0 (or all 0: no ramp)")
+    _require(t.rampup_batch_start < t.global_batch_size, "train.rampup_batch_start", t.rampup_batch_start,
+             f"less than train.global_batch_size={t.global_batch_size}")
+    growth = t.global_batch_size - t.rampup_batch_start
+    _require(growth % t.rampup_batch_increment == 0, "train.rampup_batch_increment", t.rampup_batch_increment,
+             f"a divisor of global_batch_size - rampup_batch_start = {growth}")
+    for key in ("rampup_batch_start", "rampup_batch_increment"):
+        _require(t[key] % batch_multiple == 0, f"train.{key}", t[key],
+                 f"a multiple of train.microbatches x (data x fsdp x expert) = {batch_multiple}")

@@ -47,10 +47,10 @@ def test_values_and_gradients_equal_dense_attention(length, block, window):
 
 @pytest.fixture
 def flash_calls(monkeypatch):
-    """Windows of every traced flash_attention call made by the attention module."""
+    """Windows of every traced flash attention call made by the attention module."""
     calls = []
-    real = attention_module.flash_attention
-    monkeypatch.setattr(attention_module, "flash_attention",
+    real = attention_module.flash_attention_with_max_logit
+    monkeypatch.setattr(attention_module, "flash_attention_with_max_logit",
                         lambda q, k, v, segments, window, block: calls.append(window) or real(
                             q, k, v, segments, window, block))
     return calls

@@ -8,7 +8,7 @@ import ml_collections
 from flax import nnx
 
 from plamo_jax.errors import ConfigError
-from plamo_jax.models.flash_attention import flash_attention
+from plamo_jax.models.flash_attention import flash_attention_with_max_logit
 from plamo_jax.models.fp8 import projection
 from plamo_jax.models.layers import RMSNorm, apply_rope, compute_dtype, normal, output_init_std, param
 from plamo_jax.parallel.rules import constrain
@@ -35,16 +35,25 @@ def dot_product_attention(
     q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, mask_B1LL: jax.Array
 ) -> jax.Array:
     """Softmax attention in fp32; query head h reads KV head h // (H / K) (Llama / HF layout)."""
+    return dot_product_attention_with_max_logit(q_BLHD, k_BLKD, v_BLKD, mask_B1LL)[0]
+
+
+def dot_product_attention_with_max_logit(
+    q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, mask_B1LL: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(attention output, the largest scaled score any query attends to: what QK-norm bounds)."""
     batch, length, num_heads, head_dim = q_BLHD.shape
     num_kv_heads = k_BLKD.shape[2]
     group = num_heads // num_kv_heads
     q = q_BLHD.reshape(batch, length, num_kv_heads, group, head_dim)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k_BLKD, preferred_element_type=jnp.float32)
     scores = scores * (head_dim**-0.5)
-    scores = jnp.where(mask_B1LL[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    allowed = mask_B1LL[:, :, None]
+    max_logit = jnp.max(jnp.where(allowed, jax.lax.stop_gradient(scores), -jnp.inf))
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BLKD.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BLKD)
-    return out.reshape(batch, length, num_heads, head_dim)
+    return out.reshape(batch, length, num_heads, head_dim), max_logit
 
 
 class Attention(nnx.Module):
@@ -138,17 +147,28 @@ class Attention(nnx.Module):
         positions_BL: jax.Array,
         window: int | jax.Array = 0,
     ) -> jax.Array:
+        return self.attend(x_BLD, segment_ids_BL, positions_BL, window)[0]
+
+    def attend(
+        self,
+        x_BLD: jax.Array,
+        segment_ids_BL: jax.Array,
+        positions_BL: jax.Array,
+        window: int | jax.Array = 0,
+    ) -> tuple[jax.Array, jax.Array]:
+        """(output, the largest attention logit: a health statistic blocks report as aux)."""
         q, k, v = self.project_qkv(x_BLD, positions_BL)
         # Sequence parallelism ends here: attention sees the whole sequence, heads stay sharded.
         q = constrain(q, ("act_batch", None, "act_heads", "act_head_dim"))
         k = constrain(k, ("act_batch", None, "act_kv_heads", "act_head_dim"))
         v = constrain(v, ("act_batch", None, "act_kv_heads", "act_head_dim"))
         if self.impl == "flash":
-            attended = flash_attention(q, k, v, segment_ids_BL, window, self.block)
+            attended, max_logit = flash_attention_with_max_logit(q, k, v, segment_ids_BL, window, self.block)
         else:
-            attended = dot_product_attention(q, k, v, attention_mask(segment_ids_BL, window))
+            mask = attention_mask(segment_ids_BL, window)
+            attended, max_logit = dot_product_attention_with_max_logit(q, k, v, mask)
         attended = constrain(attended, ("act_batch", None, "act_heads", "act_head_dim"))
-        return self.project_out(attended)
+        return self.project_out(attended), max_logit
 
 
 class PerHeadRMSNorm(nnx.Module):

@@ -28,9 +28,10 @@ class DenseBlock(nnx.Module):
 
     def __call__(self, x_BLD, segment_ids_BL, positions_BL, block_index):
         del block_index  # every dense layer is the same
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL)
+        attended, max_logit = self.attn.attend(self.attn_norm(x_BLD), segment_ids_BL, positions_BL)
+        x_BLD = x_BLD + attended
         x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
-        return x_BLD, {}
+        return x_BLD, {"max_attention_logit": max_logit}
 
 
 def validate_mlp(cfg: ml_collections.ConfigDict, sizes: MeshSizes) -> None:

@@ -43,7 +43,8 @@ def _block_is_live(q_start, k_start, block: int, window) -> jax.Array:
 
 
 def _forward(q, k, v, q_segments, k_segments, window, block):
-    """q [B, K, G, L, D] (L a multiple of block), k/v [B, K, L, D] -> (out like q, lse [B, K, G, L])."""
+    """q [B, K, G, L, D] (L a multiple of block), k/v [B, K, L, D] -> (out like q, lse [B, K, G, L],
+    the largest attended score of each query [B, K, G, L])."""
     batch, kv_heads, group, length, head_dim = q.shape
     scale = head_dim**-0.5
     num_blocks = length // block
@@ -85,12 +86,13 @@ def _forward(q, k, v, q_segments, k_segments, window, block):
         empty = normaliser == 0  # padding queries see no key
         out = jnp.where(empty[..., None], 0.0, total / jnp.where(empty, 1.0, normaliser)[..., None])
         lse = jnp.where(empty, _NEG_INF, running_max + jnp.log(jnp.where(empty, 1.0, normaliser)))
-        return out, lse
+        return out, lse, running_max
 
-    outs, lses = jax.lax.map(one_query_block, jnp.arange(num_blocks))  # [n, B, K, G, block, ...]
+    outs, lses, maxima = jax.lax.map(one_query_block, jnp.arange(num_blocks))  # [n, B, K, G, block, ...]
     out = jnp.moveaxis(outs, 0, 3).reshape(batch, kv_heads, group, length, head_dim)
     lse = jnp.moveaxis(lses, 0, 3).reshape(batch, kv_heads, group, length)
-    return out.astype(q.dtype), lse
+    row_max = jnp.moveaxis(maxima, 0, 3).reshape(batch, kv_heads, group, length)
+    return out.astype(q.dtype), lse, row_max
 
 
 def _backward(q, k, v, q_segments, k_segments, window, block, out, lse, d_out):
@@ -143,15 +145,18 @@ def _backward(q, k, v, q_segments, k_segments, window, block, out, lse, d_out):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q, k, v, q_segments, k_segments, window, block):
-    return _forward(q, k, v, q_segments, k_segments, window, block)[0]
+    """(out, largest attended score per query); the second is a statistic: no gradient flows into it."""
+    out, _, row_max = _forward(q, k, v, q_segments, k_segments, window, block)
+    return out, row_max
 
 
 def _attention_fwd(q, k, v, q_segments, k_segments, window, block):
-    out, lse = _forward(q, k, v, q_segments, k_segments, window, block)
-    return out, (q, k, v, q_segments, k_segments, window, out, lse)
+    out, lse, row_max = _forward(q, k, v, q_segments, k_segments, window, block)
+    return (out, row_max), (q, k, v, q_segments, k_segments, window, out, lse)
 
 
-def _attention_bwd(block, residuals, d_out):
+def _attention_bwd(block, residuals, cotangents):
+    d_out, _ = cotangents  # the score maximum is only observed (its cotangent is zero)
     q, k, v, q_segments, k_segments, window, out, lse = residuals
     d_q, d_k, d_v = _backward(q, k, v, q_segments, k_segments, window, block, out, lse, d_out)
     return d_q, d_k, d_v, None, None, None
@@ -169,6 +174,18 @@ def flash_attention(
     block: int = 512,
 ) -> jax.Array:
     """Same result as `dot_product_attention(q, k, v, attention_mask(segment_ids, window))`."""
+    return flash_attention_with_max_logit(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, window, block)[0]
+
+
+def flash_attention_with_max_logit(
+    q_BLHD: jax.Array,
+    k_BLKD: jax.Array,
+    v_BLKD: jax.Array,
+    segment_ids_BL: jax.Array,
+    window: int | jax.Array = 0,
+    block: int = 512,
+) -> tuple[jax.Array, jax.Array]:
+    """(attention output, the largest scaled score any query attends to: what QK-norm bounds)."""
     batch, length, num_heads, head_dim = q_BLHD.shape
     num_kv_heads = k_BLKD.shape[2]
     group = num_heads // num_kv_heads
@@ -180,6 +197,6 @@ def flash_attention(
     k, v = _pad_to_blocks(k, 2, block, 0), _pad_to_blocks(v, 2, block, 0)
     q_segments = _pad_to_blocks(segment_ids_BL, 1, block, -1)  # padding queries match no key
     k_segments = _pad_to_blocks(segment_ids_BL, 1, block, -2)
-    out = _attention(q, k, v, q_segments, k_segments, jnp.asarray(window, jnp.int32), block)
+    out, row_max = _attention(q, k, v, q_segments, k_segments, jnp.asarray(window, jnp.int32), block)
     out = out[:, :, :, :length].transpose(0, 3, 1, 2, 4)
-    return out.reshape(batch, length, num_heads, head_dim)
+    return out.reshape(batch, length, num_heads, head_dim), jnp.max(jax.lax.stop_gradient(row_max))

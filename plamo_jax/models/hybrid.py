@@ -116,15 +116,17 @@ class HybridGroup(nnx.Module):
         return jnp.where(full, 0, self.attention_window)
 
     def __call__(self, x_BLD, segment_ids_BL, positions_BL, block_index):
+        max_logits = []
         for j, layer in enumerate(self.layers):
             hidden = layer.pre_mixer_norm(x_BLD)
             if layer.is_mamba:
                 mixed = layer.mixer(hidden, segment_ids_BL)
             else:
                 window = self.window(block_index * self.layers_per_group + j)
-                mixed = layer.mixer(hidden, segment_ids_BL, positions_BL, window)
+                mixed, max_logit = layer.mixer.attend(hidden, segment_ids_BL, positions_BL, window)
+                max_logits.append(max_logit)
             x_BLD = layer.add_mlp(layer.add_mixer(x_BLD, mixed))
-        return x_BLD, {}
+        return x_BLD, {"max_attention_logit": jnp.max(jnp.stack(max_logits))}
 
     # --- recurrent generation -------------------------------------------------------------------------
 

@@ -154,6 +154,8 @@ class MoEMLP(nnx.Module):
             "load_balance_loss": load_balance_loss(probs_TE, experts_TK),
             "router_z_loss": router_z_loss(logits_TE),
             "tokens_per_expert": kept_per_expert,
+            # the busiest expert's load over the mean load: 1 when balanced, num_experts at worst
+            "max_expert_load_ratio": jnp.max(kept_per_expert) / jnp.maximum(jnp.mean(kept_per_expert), 1e-9),
             "dropped_fraction": 1.0 - jnp.mean(keep_TK.astype(jnp.float32)),
         }
         return out_BLD, aux
@@ -170,9 +172,10 @@ class MoEBlock(nnx.Module):
 
     def __call__(self, x_BLD, segment_ids_BL, positions_BL, block_index):
         del block_index  # every MoE layer is the same
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL)
+        attended, max_logit = self.attn.attend(self.attn_norm(x_BLD), segment_ids_BL, positions_BL)
+        x_BLD = x_BLD + attended
         mlp_out_BLD, aux = self.mlp(self.mlp_norm(x_BLD))
-        return x_BLD + mlp_out_BLD, aux
+        return x_BLD + mlp_out_BLD, {**aux, "max_attention_logit": max_logit}
 
 
 # ----------------------------------------------------------------------------------- the family spec

@@ -28,6 +28,7 @@ from plamo_jax.models import registry
 from plamo_jax.models.family import FamilySpec
 from plamo_jax.parallel.mesh import make_abstract_mesh, make_mesh
 from plamo_jax.parallel.rules import Rules
+from plamo_jax.train import guards
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.flops import train_flops_per_token
 from plamo_jax.train.objectives import Objective, get_objective
@@ -63,9 +64,13 @@ class Run(ModelRun):
     objective: Objective
     optimizer: optax.GradientTransformation
 
+    @property
+    def guard(self) -> guards.GuardSettings:
+        return guards.GuardSettings.from_config(self.config.train)
+
     @functools.cached_property
     def state_shardings(self) -> dict:
-        return state_lib.state_shardings(self.setup, self.optimizer)
+        return state_lib.state_shardings(self.setup, self.optimizer, self.guard)
 
     @functools.cached_property
     def step(self):
@@ -83,7 +88,7 @@ class Run(ModelRun):
     # -- abstract arguments (restore targets, compilation without data) ---------------------------
 
     def abstract_state(self) -> dict:
-        return state_lib.abstract_state(self.setup, self.optimizer)
+        return state_lib.abstract_state(self.setup, self.optimizer, self.guard)
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         t = self.config.train
@@ -102,7 +107,7 @@ class Run(ModelRun):
     def fresh_state(self, params: Any = None) -> dict:
         """Step 0: `params` (already in the parameter shardings) or a random initialisation."""
         return state_lib.init_state(self.config.model, self.setup, self.optimizer, self.config.train.seed,
-                                    params=params)
+                                    params=params, guard=self.guard)
 
     # -- accounting -------------------------------------------------------------------------------
 

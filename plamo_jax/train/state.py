@@ -14,6 +14,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from plamo_jax.models.decoder import Decoder
 from plamo_jax.parallel import rules as rules_lib
+from plamo_jax.train import guards
+
+DEFAULT_GUARD = guards.GuardSettings(spike_sigma=6.0, window=128, warmup=20)  # train.spike_* defaults
 
 BATCH_LOGICAL_AXES = ("act_batch", "act_length")
 
@@ -62,12 +65,18 @@ def init_params(model_cfg: ml_collections.ConfigDict, setup: ModelSetup, seed: i
         return jax.jit(create, out_shardings=setup.param_shardings)()
 
 
+def abstract_guard(guard: guards.GuardSettings) -> dict:
+    return jax.eval_shape(lambda: guards.initial_state(guard))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def state_shardings(setup: ModelSetup, optimizer: optax.GradientTransformation) -> dict:
-    """Shardings of {"step", "params", "opt_state", "rng"}: optimizer moments follow their parameters."""
+def state_shardings(setup: ModelSetup, optimizer: optax.GradientTransformation,
+                    guard: guards.GuardSettings = DEFAULT_GUARD) -> dict:
+    """Shardings of {"step", "params", "opt_state", "rng", "guard"}: optimizer moments follow their
+    parameters; the rest is replicated."""
     abstract_opt = jax.eval_shape(optimizer.init, setup.abstract_params)
     opt_shardings = optax.tree_map_params(
         optimizer,
@@ -81,32 +90,37 @@ def state_shardings(setup: ModelSetup, optimizer: optax.GradientTransformation) 
         "params": setup.param_shardings,
         "opt_state": opt_shardings,
         "rng": replicated(setup.mesh),
+        "guard": jax.tree.map(lambda _: replicated(setup.mesh), abstract_guard(guard)),
     }
 
 
-def abstract_state(setup: ModelSetup, optimizer: optax.GradientTransformation) -> dict:
+def abstract_state(setup: ModelSetup, optimizer: optax.GradientTransformation,
+                   guard: guards.GuardSettings = DEFAULT_GUARD) -> dict:
     """ShapeDtypeStructs carrying shardings: the target for restoring a checkpoint onto this mesh."""
-    shardings = state_shardings(setup, optimizer)
+    shardings = state_shardings(setup, optimizer, guard)
     shapes = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "params": setup.abstract_params,
         "opt_state": jax.eval_shape(optimizer.init, setup.abstract_params),
         "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+        "guard": abstract_guard(guard),
     }
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def init_state(
-    model_cfg, setup: ModelSetup, optimizer: optax.GradientTransformation, seed: int, params: Any = None
+    model_cfg, setup: ModelSetup, optimizer: optax.GradientTransformation, seed: int, params: Any = None,
+    guard: guards.GuardSettings = DEFAULT_GUARD,
 ) -> dict:
     """Step 0 state; `params` (already in setup.param_shardings) replaces the random initialisation."""
     if params is None:
         params = init_params(model_cfg, setup, seed)
-    shardings = state_shardings(setup, optimizer)
+    shardings = state_shardings(setup, optimizer, guard)
     opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32), shardings["rng"])
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-    return {"step": step, "params": params, "opt_state": opt_state, "rng": rng}
+    guard_state = jax.device_put(guards.initial_state(guard), shardings["guard"])
+    return {"step": step, "params": params, "opt_state": opt_state, "rng": rng, "guard": guard_state}
 
 
 def batch_sharding(mesh: Mesh, rules: rules_lib.Rules) -> NamedSharding:

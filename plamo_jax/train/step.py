@@ -1,9 +1,12 @@
 """The train step as a pure function of (state, batch, frozen), the same for every objective.
 
-State is a dict pytree {"step", "params", "opt_state", "rng"} with params as a pure nested dict, so
-the same tree goes to Orbax, to the Hugging Face converters and to `jax.jit` unchanged. The
+State is a dict pytree {"step", "params", "opt_state", "rng", "guard"} with params as a pure nested
+dict, so the same tree goes to Orbax, to the Hugging Face converters and to `jax.jit` unchanged. The
 objective (train/objectives/) turns a batch into an objective sum and metric sums; everything is a
-sum, so microbatches accumulate exactly and the gradient is divided once by the objective's count.
+sum (statistics named `max/...` are maxima), so microbatches accumulate exactly and the gradient is
+divided once by the objective's count. The guard (train/guards.py) keeps the old parameters and
+optimizer state when a step is not finite or spikes. Health metrics: gradient, parameter and update
+norms per parameter group (each scanned block, the embeddings, the head).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import optax
 from flax import nnx
 
 from plamo_jax.models import registry
+from plamo_jax.train import guards
 
 Batch = dict[str, jax.Array]
 LossSums = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
@@ -44,11 +48,25 @@ def add_auxiliary_losses(objective: jax.Array, sums: dict, aux: Mapping[str, jax
     return objective
 
 
+MAX_PREFIX = "max/"  # statistics combined by maximum, not summed (e.g. the largest attention logit)
+
+
 def add_statistics(sums: dict, aux: Mapping[str, jax.Array], count: jax.Array) -> None:
-    """Per-block statistics (tokens per expert, dropped fraction, ...) as `aux/<name>`, count-weighted."""
+    """Per-block statistics (tokens per expert, dropped fraction, ...) as `aux/<name>`, count-weighted;
+    those named `max_*` (largest logits) as `max/<name>`, taken as they are."""
     for name, value in aux.items():
-        if name not in sums:
+        if name in sums:
+            continue
+        if name.startswith("max_"):
+            sums[MAX_PREFIX + name.removeprefix("max_")] = value.astype(jnp.float32)
+        else:
             sums[f"aux/{name}"] = value.astype(jnp.float32) * count
+
+
+def combine_sums(a: dict, b: dict) -> dict:
+    """Two microbatches' sums as one batch's: added, except maxima."""
+    return {name: jnp.maximum(a[name], b[name]) if name.startswith(MAX_PREFIX) else a[name] + b[name]
+            for name in a}
 
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
@@ -73,14 +91,31 @@ def accumulate_gradients(loss_sums_fn: LossSums, params: Any, batch: Batch, num_
     def accumulate(carry, microbatch):
         grads_acc, sums_acc = carry
         grads, sums = grad_fn(params, microbatch)
-        return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
+        return (jax.tree.map(jnp.add, grads_acc, grads), combine_sums(sums_acc, sums)), None
 
     microbatches = split_microbatches(batch, num_microbatches)
     first = jax.tree.map(lambda x: x[0], microbatches)
-    zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first)[1])
+    shapes = jax.eval_shape(grad_fn, params, first)[1]
+    zero_sums = {name: jnp.full(shape.shape, -jnp.inf if name.startswith(MAX_PREFIX) else 0, shape.dtype)
+                 for name, shape in shapes.items()}
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), microbatches)
     return grads, sums
+
+
+def group_norms(tree: Any) -> dict[str, jax.Array]:
+    """L2 norm per parameter group: per scanned block (a vector over the leading layers axis) for
+    `blocks`, one number for every other top-level entry (embed, lm_head, final_norm)."""
+    norms = {}
+    for group, subtree in tree.items():
+        leaves = jax.tree.leaves(subtree)
+        if group == "blocks":
+            squares = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=tuple(range(1, leaf.ndim)))
+                          for leaf in leaves)
+        else:
+            squares = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves)
+        norms[group] = jnp.sqrt(squares)
+    return norms
 
 
 def apply_gradients(
@@ -92,7 +127,20 @@ def apply_gradients(
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     norms = {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+    grad_groups, param_groups, update_groups = (group_norms(t) for t in (grads, state["params"], updates))
+    for group in grad_groups:
+        norms[f"health/grad_norm/{group}"] = grad_groups[group]
+        norms[f"health/param_norm/{group}"] = param_groups[group]
+        norms[f"health/update_ratio/{group}"] = update_groups[group] / jnp.maximum(param_groups[group], 1e-30)
     return dict(state, step=state["step"] + 1, params=params, opt_state=opt_state), norms
+
+
+def guarded(old: dict, new: dict, reason: jax.Array, guard: dict) -> dict:
+    """`new` when the step is healthy, else `old` with only the step counter advanced; the new guard."""
+    healthy = reason == guards.HEALTHY
+    kept = jax.tree.map(lambda n, o: jnp.where(healthy, n, o), (new["params"], new["opt_state"]),
+                        (old["params"], old["opt_state"]))
+    return dict(new, params=kept[0], opt_state=kept[1], guard=guard)
 
 
 def train_step(state: dict, batch: Batch, frozen: Any, *, objective, config: ml_collections.ConfigDict,
@@ -107,7 +155,10 @@ def train_step(state: dict, batch: Batch, frozen: Any, *, objective, config: ml_
 
     grads, sums = accumulate_gradients(loss_sums, state["params"], batch, config.train.microbatches)
     new_state, norms = apply_gradients(state, grads, sums[objective.normalizer], optimizer)
-    return new_state, objective.metrics(sums) | norms
+    metrics = objective.metrics(sums) | norms
+    reason, guard = guards.assess(state["guard"], metrics["loss"], norms["grad_norm"], norms["param_norm"],
+                                  guards.GuardSettings.from_config(config.train))
+    return guarded(state, new_state, reason, guard), metrics | guards.guard_metrics(reason, guard)
 
 
 def make_train_step(objective, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,

@@ -19,7 +19,7 @@ from plamo_jax.posttrain.preference_data import PREFERENCE_FORMAT, SIDES, Prefer
 from plamo_jax.train.continuation import check_architecture, load_init_params
 from plamo_jax.train.losses import sequence_log_probs
 from plamo_jax.train.objectives.base import Batch, Config, Objective
-from plamo_jax.train.step import add_auxiliary_losses, forward
+from plamo_jax.train.step import MAX_PREFIX, add_auxiliary_losses, add_statistics, forward
 
 
 def both_sides(batch: Batch) -> Batch:
@@ -32,7 +32,7 @@ def response_log_probs(graphdef, params, fields: Batch):
     """(summed log p of the masked-in targets per row, masked-in tokens per row, aux)."""
     logits, aux = forward(graphdef, params, fields)
     log_probs, tokens = sequence_log_probs(logits, fields["target_ids"], fields["loss_mask"])
-    return log_probs, tokens, aux
+    return log_probs, tokens, {**aux, "max_output_logit": jnp.max(jax.lax.stop_gradient(logits))}
 
 
 def _require(condition: bool, key: str, value, expected: str) -> None:
@@ -101,11 +101,14 @@ class DirectPreferenceOptimization(Objective):
             "rejected_log_prob": jnp.sum(policy_rejected),
             "tokens": jnp.sum(tokens),
         }
-        return add_auxiliary_losses(sums["dpo_loss"], sums, aux, config.model, pairs), sums
+        objective = add_auxiliary_losses(sums["dpo_loss"], sums, aux, config.model, pairs)
+        add_statistics(sums, aux, pairs)
+        return objective, sums
 
     def metrics(self, sums):
         pairs = jnp.maximum(sums["pairs"], 1.0)
-        metrics = {name: value / pairs for name, value in sums.items() if name not in ("pairs", "tokens")}
+        metrics = {name: value if name.startswith(MAX_PREFIX) else value / pairs
+                   for name, value in sums.items() if name not in ("pairs", "tokens")}
         metrics["loss"] = metrics.pop("dpo_loss")
         metrics["tokens"] = sums["tokens"]
         return metrics

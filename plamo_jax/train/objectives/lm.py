@@ -18,7 +18,7 @@ from plamo_jax.data.pipeline import TrainIterator
 from plamo_jax.posttrain.sft import CHAT
 from plamo_jax.train.losses import cross_entropy_sums
 from plamo_jax.train.objectives.base import Batch, Config, Objective
-from plamo_jax.train.step import add_auxiliary_losses, add_statistics, forward
+from plamo_jax.train.step import MAX_PREFIX, add_auxiliary_losses, add_statistics, forward
 
 CORPUS_FORMATS = {TEXT.name: TEXT, CHAT.name: CHAT}
 
@@ -31,6 +31,7 @@ def lm_loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch, model_cfg: m
     objective = add_auxiliary_losses(sums["cross_entropy"] + sums["z_loss"], sums, aux, model_cfg,
                                      sums["tokens"])
     add_statistics(sums, aux, sums["tokens"])
+    sums[MAX_PREFIX + "output_logit"] = jnp.max(jax.lax.stop_gradient(logits))
     return objective, sums
 
 
@@ -59,7 +60,7 @@ class LanguageModeling(Objective):
         }
         for name, value in sums.items():
             if name not in metrics and name != "correct":
-                metrics[name] = value / tokens
+                metrics[name] = value if name.startswith(MAX_PREFIX) else value / tokens
         return metrics
 
 

@@ -1,0 +1,80 @@
+"""Guards inside the jitted step: a bad step leaves the model as it was.
+
+A step is skipped (parameters and optimizer state unchanged, the step counter still advances so the
+data stays aligned) when
+- its loss, its gradient norm or the updated parameters are not finite, or
+- its loss or gradient norm spikes: above mean + sigma x std of the last `window` healthy steps
+  (once `warmup` healthy steps have been seen; OLMo-core's and MaxText's skip-on-spike rule).
+Only healthy steps enter the window, so a run of bad batches does not raise the bar for the next.
+The guard's state (the window, the counts) is part of the train state: it is checkpointed and a
+resumed run decides exactly as an uninterrupted one. The host (train/trainer.py) reads the counts to
+stop the run or rewind it, and never saves a state whose last step was skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+HEALTHY, NOT_FINITE, LOSS_SPIKE, GRAD_SPIKE = 0, 1, 2, 3
+REASONS = {NOT_FINITE: "not finite", LOSS_SPIKE: "loss spike", GRAD_SPIKE: "gradient-norm spike"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardSettings:
+    spike_sigma: float  # 0: no spike test
+    window: int
+    warmup: int
+
+    @classmethod
+    def from_config(cls, train_cfg: ml_collections.ConfigDict) -> GuardSettings:
+        return cls(float(train_cfg.spike_sigma), int(train_cfg.spike_window), int(train_cfg.spike_warmup))
+
+
+def initial_state(settings: GuardSettings) -> dict[str, jax.Array]:
+    """healthy: healthy steps seen; bad_in_a_row: consecutive skipped steps; the windows are rings."""
+    zeros = jnp.zeros((settings.window,), jnp.float32)
+    counter = jnp.zeros((), jnp.int32)
+    return {"losses": zeros, "grad_norms": zeros, "healthy": counter, "bad_in_a_row": counter,
+            "skipped": counter}
+
+
+def _spikes(window: jax.Array, value: jax.Array, count: jax.Array, settings: GuardSettings) -> jax.Array:
+    """Whether `value` exceeds mean + sigma x std of the window's first min(count, size) entries."""
+    used = jnp.minimum(count, settings.window)
+    valid = jnp.arange(settings.window) < used
+    n = jnp.maximum(used, 1).astype(jnp.float32)
+    mean = jnp.sum(jnp.where(valid, window, 0.0)) / n
+    variance = jnp.sum(jnp.where(valid, jnp.square(window - mean), 0.0)) / n
+    active = (settings.spike_sigma > 0) & (count >= settings.warmup)
+    return active & (value > mean + settings.spike_sigma * jnp.sqrt(variance))
+
+
+def assess(guard: dict, loss: jax.Array, grad_norm: jax.Array, new_param_norm: jax.Array,
+           settings: GuardSettings) -> tuple[jax.Array, dict]:
+    """(reason code: HEALTHY or why the step is skipped, the guard state after this step)."""
+    loss, grad_norm = loss.astype(jnp.float32), grad_norm.astype(jnp.float32)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(new_param_norm)
+    count = guard["healthy"]
+    loss_spike = _spikes(guard["losses"], loss, count, settings)
+    grad_spike = _spikes(guard["grad_norms"], grad_norm, count, settings)
+    reason = jnp.select([~finite, loss_spike, grad_spike], [NOT_FINITE, LOSS_SPIKE, GRAD_SPIKE],
+                        HEALTHY).astype(jnp.int32)
+    healthy = reason == HEALTHY
+    slot = count % settings.window
+    updated = {
+        "losses": jnp.where(healthy, guard["losses"].at[slot].set(loss), guard["losses"]),
+        "grad_norms": jnp.where(healthy, guard["grad_norms"].at[slot].set(grad_norm), guard["grad_norms"]),
+        "healthy": count + healthy.astype(jnp.int32),
+        "bad_in_a_row": jnp.where(healthy, 0, guard["bad_in_a_row"] + 1).astype(jnp.int32),
+        "skipped": guard["skipped"] + (~healthy).astype(jnp.int32),
+    }
+    return reason, updated
+
+
+def guard_metrics(reason: jax.Array, guard: dict) -> dict[str, jax.Array]:
+    return {"guard/skip_reason": reason, "guard/skipped": guard["skipped"],
+            "guard/bad_in_a_row": guard["bad_in_a_row"]}
