@@ -33,6 +33,14 @@ def data_defaults() -> ml_collections.ConfigDict:
     d.chat_template = "chatml"
     d.add_bos = True  # prepend BOS to every document (EOS is always appended)
     d.shuffle = True  # a new seeded document order every epoch
+    # Read the packed rows of each epoch in a seeded order (concat and pad packing; fit rows already
+    # are): the rows of a batch come from anywhere in the epoch, not from one stretch of the document
+    # stream, where a long document fills many rows of the same batch. Still a pure function of
+    # (seed, row), so resume and elastic resume are exact, and every token is an input once per epoch.
+    # On by default, as Megatron-LM shuffles its samples: batches of correlated rows are what a new run
+    # should not get. The cost is random rather than sequential reads of memory-mapped corpora. A run
+    # checkpointed before this key existed continues its own data order with shuffle_rows=False.
+    d.shuffle_rows = True
     # concat: documents back to back, rows cut every seq_len tokens (no padding).
     # pad: every row starts at a document start; long documents continue in following rows and
     # the rest of a row is padding.

@@ -9,6 +9,15 @@ padded. In `fit` packing (for SFT) whole documents share rows and are never spli
 once, best fit in decreasing length, into rows of seq_len + 1 tokens (a longer document is cut to
 that), and each epoch visits those rows in a seeded order.
 
+With `shuffle_rows` (data.shuffle_rows) the rows of `concat` and `pad` packing are read in a seeded
+order instead of one after the other: the rows are cut into blocks of one epoch's worth (ceil of
+rows_per_epoch) and row k of block b is row perm_b(k) of that block, perm_b a random-access
+permutation (permutation.py) keyed by (seed, stream_id, b). A block holds exactly the rows it held
+unshuffled, so every token is still an input once per epoch; only the order within the block
+changes, and the rows of one batch come from anywhere in the epoch instead of one stretch of the
+document stream (where a long document fills many rows of the same batch). `fit` rows are already
+visited in a seeded order per epoch.
+
 A token's target counts in the loss when it belongs to the same document as its input and its
 document's target mask (see documents.py) allows it.
 
@@ -19,16 +28,19 @@ continues a document from the previous row (attention never sees across rows).
 from __future__ import annotations
 
 import bisect
+import math
 
 import numpy as np
 
 from plamo_jax.data import batch
 from plamo_jax.data.documents import TokenDocuments
 from plamo_jax.data.lru import LruCache
+from plamo_jax.data.permutation import IndexPermutation, derive_key
 from plamo_jax.errors import DataError
 
 PACKING_CHOICES = ("concat", "pad", "fit")
 _EPOCH_CACHE_SIZE = 3
+_ROW_ORDER_KEY = 0x726F7773  # "rows": keeps row orders apart from the documents' epoch orders
 
 
 def row_arrays(
@@ -70,6 +82,7 @@ class PackedRows:
         shuffle: bool = True,
         packing: str = "concat",
         pad_id: int = 0,
+        shuffle_rows: bool = False,
     ):
         if documents.num_documents == 0:
             raise DataError("the corpus has no documents to pack (every record was empty or skipped?)")
@@ -94,6 +107,9 @@ class PackedRows:
         else:
             self.truncated_documents = 0
         self._epoch_cache = LruCache(_EPOCH_CACHE_SIZE)
+        # Rows per shuffled block: one epoch's worth; fit rows are already visited in a shuffled order.
+        self.shuffle_block_rows = math.ceil(self.rows_per_epoch) if shuffle_rows and packing != "fit" else 0
+        self._row_orders = LruCache(_EPOCH_CACHE_SIZE)
 
     @property
     def tokens_per_epoch(self) -> int:
@@ -124,9 +140,22 @@ class PackedRows:
         starts = np.concatenate([[0], np.cumsum(sizes[order])[:-1]]).astype(np.int64)
         return order, starts
 
+    def row_in_stream(self, index: int) -> int:
+        """The unshuffled row that row `index` reads (itself unless rows are shuffled)."""
+        if not self.shuffle_block_rows:
+            return index
+        block, within = divmod(index, self.shuffle_block_rows)
+        order = self._row_orders.get_or_compute(block, self._block_order)
+        return block * self.shuffle_block_rows + order(within)
+
+    def _block_order(self, block: int) -> IndexPermutation:
+        key = derive_key(self.seed, self.stream_id, _ROW_ORDER_KEY, block)
+        return IndexPermutation(self.shuffle_block_rows, key)
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if index < 0:
             raise IndexError(f"row index {index} < 0")
+        index = self.row_in_stream(index)
         if self.packing == "concat":
             return self._concat_row(index)
         if self.packing == "fit":

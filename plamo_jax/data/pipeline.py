@@ -138,6 +138,7 @@ class GlobalRows:
                 shuffle=bool(data_config.shuffle),
                 packing=data_config.packing,
                 pad_id=pad_id,
+                shuffle_rows=bool(data_config.shuffle_rows),
             )
             for index, corpus in enumerate(corpora)
         ]
@@ -283,6 +284,9 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
             "mixture_block_rows": int(self.data_config.mixture_block_rows),
             "documents": [[c.documents.num_documents, c.documents.total_tokens] for c in self.corpora],
         }
+        if any(packed.shuffle_block_rows for packed in getattr(self.rows, "packed", ())):
+            # Only when it changes the rows: runs started before row shuffling keep their fingerprint.
+            description["shuffle_rows"] = True
         return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -383,7 +387,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
             if state.get(key) != expected:
                 raise DataError(
                     f"data iterator state has {key}={state.get(key)!r} but this run has {expected!r}; "
-                    "the data config, corpus, seed or seq_len changed since the checkpoint"
+                    "the data config, corpus, seed or seq_len changed since the checkpoint (a run started "
+                    "before data.shuffle_rows existed continues with data.shuffle_rows=False)"
                 )
         self.close()
         self.rows_consumed = int(state["rows_consumed"])

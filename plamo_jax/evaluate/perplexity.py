@@ -74,7 +74,8 @@ def evaluate_perplexity(
     results = []
     for spec in parse_sources(sources):
         data_config = run.config.data.copy_and_resolve_references()
-        data_config.update(source=spec.path, shuffle=False, packing="pad", format=data_format)
+        data_config.update(source=spec.path, shuffle=False, shuffle_rows=False, packing="pad",
+                           format=data_format)
         data = LANGUAGE_MODELING.make_iterator(
             data_config,
             seq_len=seq_len,
