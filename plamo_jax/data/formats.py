@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
-from plamo_jax.data import megatron, shards
+from plamo_jax.data import hf_datasets, megatron, shards
 from plamo_jax.data.documents import TokenDocuments, documents_from_texts
 from plamo_jax.data.seqio_source import seqio_documents
 from plamo_jax.data.sources import ReadReport, iter_documents
@@ -40,8 +40,8 @@ class CorpusFormat:
 
 
 def read_text_corpus(path: str, tokenizer: Tokenizer, data_config: DataConfig) -> CorpusRead:
-    """A tokenized corpus directory or a Megatron .bin/.idx pair (memory-mapped), a seqio task, or raw
-    files / `builtin` (tokenized)."""
+    """A tokenized corpus directory or a Megatron .bin/.idx pair (memory-mapped), a seqio task, a Hugging
+    Face `save_to_disk` directory, or raw files / `builtin` (tokenized)."""
     if path.startswith(megatron.SOURCE_PREFIX):
         return read_megatron_corpus(path.removeprefix(megatron.SOURCE_PREFIX), tokenizer, data_config)
     if path.startswith("seqio:"):
@@ -60,6 +60,13 @@ def read_text_corpus(path: str, tokenizer: Tokenizer, data_config: DataConfig) -
             "tokenize_corpus run; re-run it to completion"
         )
     report = ReadReport()
+    if hf_datasets.is_saved_dataset(directory):
+        documents = hf_datasets.read_saved_dataset(
+            directory, tokenizer, text_field=data_config.text_field, add_bos=data_config.add_bos,
+            on_bad_input=data_config.on_bad_input, report=report)
+        if documents.num_documents == 0:
+            raise DataError(f"data.source entry {path!r} yielded no documents: {report.summary()}")
+        return CorpusRead(documents, report, f"{path} (Hugging Face dataset: {report.summary()})")
     texts = iter_documents([path], text_field=data_config.text_field, on_bad_input=data_config.on_bad_input,
                            report=report)
     documents = documents_from_texts(texts, tokenizer, data_config.add_bos)

@@ -91,7 +91,8 @@ def list_input_files(path: str | Path, report: ReadReport, on_bad_input: str) ->
     return [path]
 
 
-def _accept(text: str, where: str, report: ReadReport, on_bad_input: str) -> bool:
+def accept_text(text: str, where: str, report: ReadReport, on_bad_input: str) -> bool:
+    """Count a document of `text`, or an empty one as bad (`empty_document`); whether to keep it."""
     if not text.strip():
         report.bad("empty_document", where, "the text is empty or only whitespace", on_bad_input)
         return False
@@ -129,7 +130,7 @@ def _read_jsonl(path: Path, text_field: str, report: ReadReport, on_bad_input: s
         if not isinstance(text, str):
             report.bad("not_text", where, f"field {text_field!r} is {type(text).__name__}", on_bad_input)
             continue
-        if _accept(text, where, report, on_bad_input):
+        if accept_text(text, where, report, on_bad_input):
             yield text
 
 
@@ -169,7 +170,7 @@ def _read_parquet(path: Path, text_field: str, report: ReadReport, on_bad_input:
                     "not_text", where, f"column {text_field!r} holds {type(value).__name__}", on_bad_input
                 )
                 continue
-            if _accept(value, where, report, on_bad_input):
+            if accept_text(value, where, report, on_bad_input):
                 yield value
 
 
@@ -184,7 +185,7 @@ def _read_text(path: Path, report: ReadReport, on_bad_input: str) -> Iterator[st
         except UnicodeDecodeError as error:
             report.bad("invalid_utf8", where, str(error), on_bad_input)
             continue
-        if _accept(text, where, report, on_bad_input):
+        if accept_text(text, where, report, on_bad_input):
             yield text
 
 
