@@ -22,7 +22,6 @@ def get_config():
     config.train.global_batch_size = 16
     config.train.seq_len = 128
     config.train.output_dir = "runs/plamo2_tiny"
-    config.train.peak_flops_per_device = 1e11
     config.optimizer.learning_rate = 3e-3
     config.optimizer.warmup_steps = 20
     config.optimizer.no_decay = "norm,bias,embed,A_log,/D"  # PLaMo 2 / Mamba2: no decay on A_log, D, dt_bias

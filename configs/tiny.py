@@ -14,7 +14,6 @@ def get_config():
     config.train.global_batch_size = 16
     config.train.seq_len = 128
     config.train.output_dir = "runs/tiny"
-    config.train.peak_flops_per_device = 1e11  # rough figure for one CPU core; set yours for a true MFU
     config.optimizer.learning_rate = 3e-3
     config.optimizer.warmup_steps = 20
     config.checkpoint.every_steps = 100

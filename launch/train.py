@@ -11,6 +11,7 @@ A config, data, mesh or checkpoint problem is one line on stderr and exit status
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from absl import app, flags
@@ -61,11 +62,17 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def config_override_error(error: Exception, argv: list[str]) -> str:
-    """'bad config override --config.x.y: <why>' naming the override that absl refused."""
+    """'bad config override --config.x.y=v: <why>' naming the whole override that absl refused.
+
+    absl names only one part of the key (a KeyError for `moe` in --config.model.moe.num_experts), so
+    the override whose path holds the named part is the one reported.
+    """
     message = str(error).strip("'\"").replace("\\'", "'")
-    overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config")]
-    named = [key for key in overrides if key.rsplit(".", 1)[-1] in message or key in message]
-    return f"bad config override {named[0] if named else ' '.join(overrides)}: {message}"
+    overrides = [arg for arg in argv[1:] if arg.startswith("--config.")]
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", message))
+    named = [arg for arg in overrides if set(arg.split("=", 1)[0].split(".")[1:]) & words]
+    shown = named[0] if named else " ".join(overrides)
+    return f"bad config override {shown}: {message}; expected an existing key and a value of its type"
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def one_line(message: object) -> str:
 
 def fail(message: object) -> NoReturn:
     print(f"error: {one_line(message)}", file=sys.stderr)
-    sys.exit(USAGE_ERROR)
+    sys.exit(getattr(message, "exit_status", USAGE_ERROR))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -49,6 +49,7 @@ def call(main: Callable[[list[str]], int | None], args: Sequence[str]) -> int:
         return main(list(args)) or 0
     except PlamoError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
+        return error.exit_status
     except OSError as error:
         if error.filename is None:
             raise  # not about a file the user named: a bug, keep the traceback

@@ -120,7 +120,11 @@ def _train_defaults() -> ml_collections.ConfigDict:
     t.dpo_label_smoothing = 0.0  # DPO: assumed fraction of flipped preference labels (cDPO)
     t.log_every = 10
     t.output_dir = "runs/default"
-    t.peak_flops_per_device = 0.0  # 0 = look up the device kind; set it for CPUs
+    # MFU's denominator: > 0 = this figure; 0 = the vendor figure for the device and compute dtype, or,
+    # where there is none (CPUs, unknown devices), a matmul measured once per machine when
+    # calibrate_peak_flops (train/peak_flops.py); otherwise no MFU is shown.
+    t.peak_flops_per_device = 0.0
+    t.calibrate_peak_flops = True
     # Guards (train/guards.py). A step whose loss, gradient norm or updated parameters are not finite,
     # or whose loss or gradient norm spikes above mean + spike_sigma x std of the last spike_window
     # healthy steps, is skipped: parameters and optimizer state stay as they were.

@@ -9,6 +9,8 @@ status 2; anything else is a bug and keeps its traceback.
 class PlamoError(Exception):
     """Input a user can fix: a config value, a data file, a mesh layout, a checkpoint or a model file."""
 
+    exit_status = 2
+
 
 class ConfigError(PlamoError, ValueError):
     """A config value that cannot work."""
@@ -32,3 +34,9 @@ class IncompatibleCheckpointError(CheckpointError):
 
 class ConversionError(PlamoError, ValueError):
     """A model file or config that cannot be converted to or from a Hugging Face format."""
+
+
+class TrainingDiverged(PlamoError, RuntimeError):
+    """The guards skipped train.max_bad_steps steps in a row (or could not rewind): the run stopped."""
+
+    exit_status = 3

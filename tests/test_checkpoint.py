@@ -146,8 +146,23 @@ def test_retention_keeps_last_and_every_kth(tmp_path):
     for step in range(1, 10):
         checkpointer.maybe_save(step, small_state(step), {"s": step}, "{}")
     checkpointer.wait_until_finished()
+    assert checkpointer.all_steps() == list(range(1, 10))  # nothing is vouched for yet: nothing goes
+    checkpointer.vouch(10)  # step 10 was healthy: checkpoints 1..9 hold good parameters
     assert checkpointer.all_steps() == [4, 8, 9]
     assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [4, 8, 9]
+    checkpointer.close()
+
+
+def test_retention_never_trades_a_vouched_checkpoint_for_newer_unvouched_ones(tmp_path):
+    """A run that went bad after step 4: checkpoints 5..9 were written but no later step vouched for them."""
+    checkpointer = ckpt.Checkpointer(tmp_path, every_steps=1, keep_last=1)
+    for step in range(1, 10):
+        checkpointer.maybe_save(step, small_state(step), {"s": step}, "{}")
+    checkpointer.wait_until_finished()
+    checkpointer.vouch(5)
+    assert checkpointer.all_steps() == [4, 5, 6, 7, 8, 9] and checkpointer.vouched_steps() == [4]
+    restored, data_state = checkpointer.restore_latest(abstract_small(), before=5)  # a rewind's target
+    assert int(restored["step"]) == 4 and data_state == {"s": 4}
     checkpointer.close()
 
 
@@ -223,7 +238,7 @@ def test_only_unreadable_checkpoints_is_an_error(tmp_path):
     checkpointer.close()
     remove_state_item(directory / "1")
     checkpointer = ckpt.Checkpointer(directory, every_steps=1, keep_last=3)
-    with pytest.raises(ckpt.CheckpointError, match=r"no checkpoint is readable \(steps \[1\]\)"):
+    with pytest.raises(ckpt.CheckpointError, match=r"no checkpoint is readable \(steps \[1\]: step 1: "):
         checkpointer.restore_latest(abstract_small())
     assert (directory / "1").is_dir()
     checkpointer.close()
@@ -256,6 +271,7 @@ def test_previous_checkpoint_survives_until_the_next_is_committed(tmp_path):
     checkpointer.maybe_save(1, big, {}, "{}")
     checkpointer.wait_until_finished()
     checkpointer.maybe_save(2, big, {}, "{}")  # returns while step 2 is still being written
+    checkpointer.vouch(3)  # step 1 may go now, but not before step 2 is complete
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         # Step 1 is looked at first: if it is gone, step 2 must already be in place (renamed when complete).
@@ -265,5 +281,6 @@ def test_previous_checkpoint_survives_until_the_next_is_committed(tmp_path):
             break
         time.sleep(0.001)
     checkpointer.wait_until_finished()
+    checkpointer.vouch(3)
     assert checkpointer.all_steps() == [2] and not (tmp_path / "1").exists()
     checkpointer.close()

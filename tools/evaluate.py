@@ -53,9 +53,11 @@ def main(argv: list[str]) -> int:
         parser.error("nothing to evaluate: give --perplexity and/or --multiple-choice")
     if args.batch_size < 1:
         parser.error(f"--batch-size={args.batch_size}: expected >= 1")
+    if args.seq_len is not None and args.seq_len < 1:
+        parser.error(f"--seq-len={args.seq_len}: expected a positive number of tokens")
     config = load_config(args.checkpoint, args.step)
     config.mesh.update(parse_mesh(args.mesh))
-    seq_len = args.seq_len or config.train.seq_len
+    seq_len = config.train.seq_len if args.seq_len is None else args.seq_len
     config.train.update(seq_len=seq_len, global_batch_size=args.batch_size, microbatches=1)
     run = build_model(config)
     params, _ = load_params(args.checkpoint, args.step, shardings=run.setup.param_shardings)

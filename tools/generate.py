@@ -35,6 +35,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens={args.max_new_tokens}: expected >= 1")
+    if args.temperature < 0:
+        parser.error(f"--temperature={args.temperature}: expected >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p={args.top_p}: expected a probability mass in (0, 1]")
     config = load_config(args.checkpoint, args.step)
     for axis in config.mesh:
         if axis != "rules":

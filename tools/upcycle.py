@@ -12,13 +12,14 @@ configs/drop_upcycle_8x.py).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import ml_collections
 
 from plamo_jax import cli
 from plamo_jax.convert.upcycle import upcycle_params
 from plamo_jax.models.moe import upcycled_config
-from plamo_jax.train.checkpoint import load_params, save_params
+from plamo_jax.train.checkpoint import committed_steps, load_params, save_params
 
 
 def moe_config_from_dense(config: ml_collections.ConfigDict, experts: int, top_k: int,
@@ -49,6 +50,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.experts < 1 or not 1 <= args.top_k <= args.experts:
         parser.error(f"--experts {args.experts} --top-k {args.top_k}: expected 1 <= top-k <= experts")
+    if not 0.0 <= args.ratio <= 1.0:
+        parser.error(f"--ratio {args.ratio}: expected a fraction of neurons in [0, 1]")
+    if committed_steps(Path(args.dst).absolute()):
+        parser.error(f"{args.dst} already holds a checkpoint; expected a new directory (nothing is "
+                     "overwritten)")
 
     start = time.time()
     dense_params, dense_config = load_params(args.src, step=args.step)

@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from plamo_jax.convert import formats
 from plamo_jax.convert.config_json import architecture_of, read_hf_config
 from plamo_jax.convert.safetensors_io import SafetensorsReader, SafetensorsWriter
+from plamo_jax.data.tokenizer import tokenizer_from_config
 from plamo_jax.errors import ConversionError
 from plamo_jax.train import checkpoint as ckpt
 from plamo_jax.train.run import build_model
@@ -119,8 +120,12 @@ def export_hf(params: Any, model_cfg, out_dir: str | Path, *, fmt: str | None = 
         hf_cfg["max_position_embeddings"] = int(max_position_embeddings)
     hf_cfg["dtype"] = hf_cfg["torch_dtype"] = _TORCH_DTYPE_NAMES[out_dtype]
 
-    if out_dir.exists() and any(out_dir.glob("*.safetensors")):
-        raise ConversionError(f"{out_dir} already holds safetensors files; expected a new directory")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConversionError(f"--out {out_dir} is not an empty directory; expected a new one (nothing is "
+                              "overwritten)")
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise ConversionError(f"--tokenizer {tokenizer} does not exist; expected a tokenizer directory or "
+                              "file")
     tokenizer_source = Path(tokenizer) if tokenizer is not None else assets_dir
     vocab = tokenizer_vocab_size(Path(tokenizer_source)) if tokenizer_source is not None else None
     if vocab is not None and vocab > model_cfg.vocab_size:
@@ -284,28 +289,30 @@ def copy_hf_assets(hf_dir: str | Path, assets_dir: str | Path) -> None:
 
 # -- whole conversions (used by tools/convert_checkpoint.py) ---------------------------------------
 
-ASSETS_DIR = "hf_assets"  # next to an imported checkpoint: original config.json, tokenizer, generation config
-BYTE_TOKENIZER_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # plamo_jax.data "byte"
-
-
 def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, *, step: int | None = None,
                      dtype: str = "bfloat16", fmt: str | None = None, tokenizer: str | Path | None = None,
                      max_shard_bytes: int = 5 * 2**30) -> dict:
     """Export a training or parameters-only checkpoint; parameters are read one stacked leaf at a time."""
     checkpoint = Path(checkpoint)
     config = ckpt.load_config(checkpoint, step)
-    root = checkpoint if not ((checkpoint / "state").is_dir() or (checkpoint / "params").is_dir()) \
-        else checkpoint.parent
-    assets = root / ASSETS_DIR
+    assets = ckpt.checkpoint_root(checkpoint) / ckpt.ASSETS_DIR
     if tokenizer is None and not assets.is_dir():
-        source = str(config.get("data", {}).get("tokenizer", ""))
+        source = str(config.data.tokenizer)
         if source and Path(source).exists():
             tokenizer = source
-    seq_len = config.get("train", {}).get("seq_len")
-    token_ids = BYTE_TOKENIZER_IDS if str(config.get("data", {}).get("tokenizer", "")) == "byte" else None
+    seq_len = config.train.seq_len
     return export_hf(lazy_checkpoint_params(checkpoint, step), config.model, out_dir, fmt=fmt, dtype=dtype,
                      assets_dir=assets if assets.is_dir() else None, tokenizer=tokenizer,
-                     max_position_embeddings=seq_len, token_ids=token_ids, max_shard_bytes=max_shard_bytes)
+                     max_position_embeddings=seq_len, token_ids=special_token_ids(config.data),
+                     max_shard_bytes=max_shard_bytes)
+
+
+def special_token_ids(data_config) -> dict[str, int]:
+    """bos / eos / pad ids of the tokenizer the run trained with (byte, SentencePiece or HF)."""
+    tokenizer = tokenizer_from_config(data_config)
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+           "pad_token_id": tokenizer.pad_id}
+    return {key: int(value) for key, value in ids.items() if value is not None and value >= 0}
 
 
 def hf_to_checkpoint(hf_dir: str | Path, out_dir: str | Path, config) -> Path:
@@ -320,5 +327,5 @@ def hf_to_checkpoint(hf_dir: str | Path, out_dir: str | Path, config) -> Path:
                               "overwritten)")
     params, config = import_hf(hf_dir, config)
     step_dir = ckpt.save_params(out_dir, params, config)
-    copy_hf_assets(hf_dir, out_dir / ASSETS_DIR)
+    copy_hf_assets(hf_dir, out_dir / ckpt.ASSETS_DIR)
     return step_dir

@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
-from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 from plamo_jax.configuration import default_config
 from plamo_jax.errors import CheckpointError, ConfigError, IncompatibleCheckpointError
@@ -38,6 +37,8 @@ from plamo_jax.errors import CheckpointError, ConfigError, IncompatibleCheckpoin
 log = logging.getLogger(__name__)
 
 STATE_ITEM, DATA_ITEM, CONFIG_ITEM, PARAMS_ITEM = "state", "data", "config", "params"
+# Beside a checkpoint's steps: an imported model's original config.json, generation config and tokenizer.
+ASSETS_DIR = "hf_assets"
 
 
 def _flat_shapes(tree: Mapping, prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -70,8 +71,11 @@ class Checkpointer:
 
     every_steps: save when `step % every_steps == 0` (0 disables the step rule).
     every_minutes: also save when this much wall time passed since the last save (0 disables it).
-    keep_last: the newest K checkpoints are kept; keep_every: also every checkpoint whose step is a
-    multiple of M (0 disables it). A checkpoint is deleted only after a newer one has been committed.
+    Retention: a checkpoint is *vouched for* once a later step was healthy (its loss, computed from
+    these parameters or later ones, was finite and no spike; see `vouch`). The newest keep_last
+    vouched-for checkpoints are kept, plus every newer one not yet vouched for, plus (keep_every) every
+    checkpoint whose step is a multiple of M. So a diverging run never deletes the last good
+    checkpoint because of newer bad ones; without `vouch` calls nothing is deleted.
     """
 
     def __init__(self, directory: str | Path, *, every_steps: int, every_minutes: float = 0.0,
@@ -86,19 +90,23 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.every_steps = every_steps
         self.every_minutes = every_minutes
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self._vouched_below = 0  # checkpoints of steps below this one are vouched for
         self._last_save_time = time.monotonic()
-        policies: list[Any] = [preservation.LatestN(n=keep_last)]
-        if keep_every:
-            policies.append(preservation.EveryNSteps(interval_steps=keep_every))
+        # Orbax keeps every step; `_apply_retention` decides what goes (Orbax's policies cannot know
+        # which checkpoints a later healthy step vouched for).
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=preservation.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
             create=True,
             cleanup_tmp_directories=True,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(STATE_ITEM, DATA_ITEM, CONFIG_ITEM)
-        )
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=(STATE_ITEM, DATA_ITEM, CONFIG_ITEM)
+            )
+        except Exception as error:  # noqa: BLE001 - Orbax raises many kinds for an unusable directory
+            raise CheckpointError(f"cannot use checkpoint directory {self.directory}: "
+                                  f"{type(error).__name__}: {str(error)[:300]}") from None
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -129,12 +137,48 @@ class Checkpointer:
             DATA_ITEM: ocp.args.JsonSave(data_state),
             CONFIG_ITEM: ocp.args.JsonSave(_config_as_dict(config_json)),
         })
-        saved = self._manager.save(step, args=args, force=True)
+        with self._writing(f"step {step}"):
+            saved = self._manager.save(step, args=args, force=True)
         self._last_save_time = time.monotonic()
         return bool(saved)
 
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """Orbax's write errors (a read-only or full disk, a path that is a file) as one CheckpointError."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as error:  # noqa: BLE001 - Orbax and the OS raise many kinds; all mean: not saved
+            reason = " ".join(str(error).split())[:300]
+            raise CheckpointError(f"cannot write checkpoint {what} to {self.directory}: "
+                                  f"{type(error).__name__}: {reason}") from None
+
     def wait_until_finished(self) -> None:
-        self._manager.wait_until_finished()
+        with self._writing("(background write)"):
+            self._manager.wait_until_finished()
+
+    # -- retention ------------------------------------------------------------------------------
+
+    def vouch(self, healthy_step: int) -> None:
+        """Step `healthy_step` was healthy: every checkpoint saved before it holds good parameters."""
+        self._vouched_below = max(self._vouched_below, int(healthy_step))
+        self._apply_retention()
+
+    def vouched_steps(self) -> list[int]:
+        return [step for step in self.all_steps() if step < self._vouched_below]
+
+    def _apply_retention(self) -> None:
+        if self._manager.is_saving_in_progress():
+            return  # decided again at the next vouch, once the write is committed
+        vouched = self.vouched_steps()
+        keep = set(vouched[-self.keep_last:]) | {s for s in self.all_steps() if s >= self._vouched_below}
+        if self.keep_every:
+            keep |= {s for s in vouched if s % self.keep_every == 0}
+        for step in vouched:
+            if step not in keep:
+                with self._writing(f"deletion of step {step}"):
+                    self._manager.delete(step)
 
     def close(self) -> None:
         self._manager.close()
@@ -144,7 +188,9 @@ class Checkpointer:
 
     # -- restoring ------------------------------------------------------------------------------
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
+    def restore_latest(self, abstract_state: Any, *, accept_data: Callable[[dict], None] | None = None,
+                       before: int | None = None, defaults: Mapping[str, Any] | None = None
+                       ) -> tuple[Any, dict] | None:
         """(state, data_state) from the newest readable checkpoint, or None when there is none.
 
         abstract_state: a pytree of jax.ShapeDtypeStruct with `.sharding`; arrays are read straight into
@@ -152,6 +198,9 @@ class Checkpointer:
         with a warning and, once an older one restored, moved aside (never deleted) so that its step can be
         written again. A readable checkpoint whose parameter shapes differ from abstract_state (a changed
         model config) is an error, not a reason to fall back.
+        accept_data: raises (e.g. DataError) for a data state this run cannot continue; such a
+        checkpoint is passed over like an unreadable one. before: only steps below it (a rewind).
+        defaults: top-level state entries a checkpoint may predate (e.g. the guard), used when absent.
         """
         leaves = jax.tree_util.tree_leaves_with_path(abstract_state)
         unplaced = [jax.tree_util.keystr(path) for path, leaf in leaves
@@ -159,25 +208,32 @@ class Checkpointer:
         if unplaced:
             raise ValueError(f"abstract_state leaves {unplaced[:5]} have no sharding; expected "
                              "jax.ShapeDtypeStruct(shape, dtype, sharding=...) for every leaf")
-        self._manager.wait_until_finished()
+        self.wait_until_finished()
         unreadable: list[int] = []
-        for step in sorted(self._manager.all_steps(), reverse=True):
+        reasons: list[str] = []
+        steps = [s for s in self._manager.all_steps() if before is None or s < before]
+        for step in sorted(steps, reverse=True):
             step_dir = self.directory / str(step)
             try:
                 self._check_param_shapes(step_dir, abstract_state)
+                target = _stored_entries(step_dir, abstract_state, defaults or {})
                 restored = self._manager.restore(step, args=ocp.args.Composite(**{
-                    STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                    STATE_ITEM: ocp.args.StandardRestore(target),
                     DATA_ITEM: ocp.args.JsonRestore(),
                 }))
-                state, data_state = restored[STATE_ITEM], restored[DATA_ITEM]
+                state, data_state = {**(defaults or {}), **restored[STATE_ITEM]}, restored[DATA_ITEM]
                 if data_state is None:
                     raise CheckpointError(f"{step_dir}/{DATA_ITEM} is missing")
+                if accept_data is not None:
+                    accept_data(data_state)
             except IncompatibleCheckpointError:
                 raise
             except Exception as error:  # noqa: BLE001 - any failure to read means: try the previous one
+                reason = " ".join(str(error).split())[:300]
                 log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous checkpoint",
-                            step_dir, type(error).__name__, str(error)[:500])
+                            step_dir, type(error).__name__, reason)
                 unreadable.append(step)
+                reasons.append(f"step {step}: {reason}")
                 continue
             for bad_step in unreadable:
                 self._quarantine(bad_step)
@@ -187,8 +243,8 @@ class Checkpointer:
             self._last_save_time = time.monotonic()
             return state, data_state
         if unreadable:
-            raise CheckpointError(f"{self.directory}: no checkpoint is readable (steps {unreadable}); "
-                                  "refusing to start from scratch over them")
+            raise CheckpointError(f"{self.directory}: no checkpoint is readable (steps {unreadable}: "
+                                  f"{'; '.join(reasons[:3])}); refusing to start from scratch over them")
         return None
 
     @staticmethod
@@ -208,17 +264,52 @@ class Checkpointer:
                 "model config it was saved with"
             )
 
-    def _quarantine(self, step: int) -> None:
-        """Move an unreadable step out of the manager's root so its step number can be saved again."""
+    def _quarantine(self, step: int, why: str = "unreadable") -> None:
+        """Move a step out of the manager's root (never delete it) so its step number can be saved again."""
         source = self.directory / str(step)
-        target = self.directory.parent / f"{self.directory.name}_unreadable" / f"{step}_{int(time.time())}"
+        target = self.directory.parent / f"{self.directory.name}_{why}" / f"{step}_{int(time.time())}"
         if jax.process_index() == 0 and source.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(source), str(target))
-            log.warning("moved unreadable checkpoint %s to %s", source, target)
+            log.warning("moved %s checkpoint %s to %s", why, source, target)
         if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"plamo_jax_quarantine_{step}")
+            multihost_utils.sync_global_devices(f"plamo_jax_{why}_{step}")
         self._manager.reload()
+
+    def set_aside_after(self, step: int) -> list[int]:
+        """Move the checkpoints after `step` aside (a rewind goes back to `step` and writes them anew)."""
+        later = [s for s in self.all_steps() if s > step]
+        for later_step in later:
+            self._quarantine(later_step, "rewound")
+        return later
+
+
+def _stored_entries(step_dir: Path, abstract_state: Any, defaults: Mapping[str, Any]) -> Any:
+    """The restore target without the `defaults` entries this checkpoint does not hold."""
+    if not defaults:
+        return abstract_state
+    with _quiet_orbax():
+        stored = ocp.PyTreeCheckpointer().metadata(step_dir / STATE_ITEM)
+    tree = getattr(getattr(stored, "item_metadata", stored), "tree", stored)
+    held = set(tree) if isinstance(tree, Mapping) else set(abstract_state)
+    return {key: value for key, value in abstract_state.items() if key in held or key not in defaults}
+
+
+def checkpoint_root(path: str | Path) -> Path:
+    """The Orbax root of a root or of one step's directory (where the steps and hf_assets live)."""
+    path = Path(path).absolute()
+    return path.parent if (path / STATE_ITEM).is_dir() or (path / PARAMS_ITEM).is_dir() else path
+
+
+def carry_assets(source_checkpoint: str | Path, target_root: str | Path) -> bool:
+    """Copy the source's hf_assets next to the target's steps (a run continuing an imported model
+    exports with the original config, generation config and tokenizer); never overwrites."""
+    source = checkpoint_root(source_checkpoint) / ASSETS_DIR
+    target = Path(target_root) / ASSETS_DIR
+    if not source.is_dir() or target.exists() or jax.process_index() != 0:
+        return False
+    shutil.copytree(source, target)
+    return True
 
 
 # -- parameters only (tools: conversion, upcycling) ------------------------------------------------
@@ -294,9 +385,16 @@ def params_metadata(path: str | Path, step: int | None = None) -> dict:
     """Nested dict of the stored parameters' metadata (each leaf has `.shape` and `.dtype`)."""
     location, nested = _params_location(_resolve_step_dir(Path(path), step))
     with _quiet_orbax():
-        tree = ocp.PyTreeCheckpointer().metadata(location)
+        try:
+            tree = ocp.PyTreeCheckpointer().metadata(location)
+        except Exception as error:  # noqa: BLE001 - Orbax raises many kinds for a damaged item
+            raise CheckpointError(f"{location}: the checkpoint's metadata cannot be read "
+                                  f"({type(error).__name__}: {str(error)[:200]})") from None
     tree = getattr(tree, "item_metadata", tree)
     tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, Mapping) or (nested and PARAMS_ITEM not in tree):
+        raise CheckpointError(f"{location} has no readable parameter metadata (is its _METADATA file "
+                              "missing?); expected a complete checkpoint")
     return dict(tree[PARAMS_ITEM]) if nested else dict(tree)
 
 

@@ -10,6 +10,7 @@ directory behind.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +61,34 @@ def resume_steps(config: ml_collections.ConfigDict) -> list[int]:
 
 def check_sources(config: ml_collections.ConfigDict, objective) -> None:
     """The checkpoints a run will start from fit its model: the newest one in train.output_dir, else
-    checkpoint.init_params, and whatever the objective reads (DPO's reference)."""
+    checkpoint.init_params, and whatever the objective reads (DPO's reference); and train.output_dir
+    can be written."""
+    check_output_dir(config.train.output_dir)
     objective.check_frozen(config)
     steps = resume_steps(config)
+    if steps and steps[-1] > config.train.steps:
+        raise ConfigError(f"config key train.steps={config.train.steps}: train.output_dir="
+                          f"{config.train.output_dir!r} already holds a checkpoint of step {steps[-1]}; "
+                          "expected at least that many steps (or another train.output_dir)")
     if steps:
         check_architecture(config, checkpoint_directory(config), "train.output_dir", step=steps[-1],
                            unreadable_ok=True)
     elif config.checkpoint.init_params:
         check_architecture(config, config.checkpoint.init_params, "checkpoint.init_params")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """ConfigError unless `output_dir` is (or can be made) a writable directory; creates nothing."""
+    path = Path(output_dir).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    problem = None
+    if existing is None or not existing.is_dir():
+        problem = f"{existing} is a file, not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
+        raise ConfigError(f"config key train.output_dir={output_dir!r}: {problem}; expected a directory "
+                          "this process can write")
 
 
 def load_init_params(config: ml_collections.ConfigDict, setup: ModelSetup) -> Any:

@@ -36,10 +36,11 @@ class GuardSettings:
 
 def initial_state(settings: GuardSettings) -> dict[str, jax.Array]:
     """healthy: healthy steps seen; bad_in_a_row: consecutive skipped steps; the windows are rings."""
-    zeros = jnp.zeros((settings.window,), jnp.float32)
-    counter = jnp.zeros((), jnp.int32)
-    return {"losses": zeros, "grad_norms": zeros, "healthy": counter, "bad_in_a_row": counter,
-            "skipped": counter}
+    # distinct arrays: the state is donated to the step, and one buffer cannot be donated twice
+    window = lambda: jnp.zeros((settings.window,), jnp.float32)
+    counter = lambda: jnp.zeros((), jnp.int32)
+    return {"losses": window(), "grad_norms": window(), "healthy": counter(), "bad_in_a_row": counter(),
+            "skipped": counter()}
 
 
 def _spikes(window: jax.Array, value: jax.Array, count: jax.Array, settings: GuardSettings) -> jax.Array:

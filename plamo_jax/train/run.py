@@ -104,6 +104,10 @@ class Run(ModelRun):
     def load_frozen(self) -> Any:
         return self.objective.load_frozen(self.config, self.setup)
 
+    def fresh_guard(self) -> dict:
+        """A guard with nothing seen yet, placed like the state's (for checkpoints that predate guards)."""
+        return jax.device_put(guards.initial_state(self.guard), self.state_shardings["guard"])
+
     def fresh_state(self, params: Any = None) -> dict:
         """Step 0: `params` (already in the parameter shardings) or a random initialisation."""
         return state_lib.init_state(self.config.model, self.setup, self.optimizer, self.config.train.seed,
