@@ -27,6 +27,28 @@ CASES = {
         ["launch/train.py", "--config", "configs/tiny.py",
          "--config.checkpoint.init_params=/nonexistent/ckpt"],
         "checkpoint.init_params='/nonexistent/ckpt'"),
+    "train: a negative learning rate": (
+        ["launch/train.py", "--config", "configs/tiny.py", "--config.optimizer.learning_rate=-0.01"],
+        "optimizer.learning_rate=-0.01"),
+    "train: a negative warmup": (
+        ["launch/train.py", "--config", "configs/tiny.py", "--config.optimizer.warmup_steps=-5"],
+        "optimizer.warmup_steps=-5"),
+    "train: logging every 0 steps": (
+        ["launch/train.py", "--config", "configs/tiny.py", "--config.train.log_every=0"],
+        "train.log_every=0"),
+    "train: no microbatches": (
+        ["launch/train.py", "--config", "configs/tiny.py", "--config.train.microbatches=0"],
+        "train.microbatches=0"),
+    "train: keeping no checkpoint": (
+        ["launch/train.py", "--config", "configs/tiny.py", "--config.checkpoint.keep_last=0"],
+        "checkpoint.keep_last=0"),
+    "train: a key path that does not exist": (
+        ["launch/train.py", "--config", "configs/moe_tiny.py", "--config.model.moe.num_experts=4"],
+        "--config.model.moe.num_experts=4"),
+    "train: a ramp that does not reach the batch": (
+        ["launch/train.py", "--config", "configs/tiny.py", "--config.train.rampup_batch_start=4",
+         "--config.train.rampup_batch_increment=5", "--config.train.rampup_samples=100"],
+        "train.rampup_batch_increment=5"),
     "convert to-hf: no checkpoint": (
         ["tools/convert_checkpoint.py", "to-hf", "--checkpoint", "/nonexistent/ckpt", "--out", "{tmp}/hf"],
         "/nonexistent/ckpt"),

@@ -10,9 +10,13 @@ from helpers import initial_host_params, loss_and_grads, mesh_of, random_batch, 
 
 from plamo_jax.configuration import load_recipe
 from plamo_jax.models import attention as attention_module
-from plamo_jax.models.attention import attention_mask, dot_product_attention
+from plamo_jax.models.attention import (
+    attention_mask,
+    dot_product_attention,
+    dot_product_attention_with_max_logit,
+)
 from plamo_jax.models.decoder import Decoder
-from plamo_jax.models.flash_attention import flash_attention
+from plamo_jax.models.flash_attention import flash_attention, flash_attention_with_max_logit
 
 
 def random_inputs(seed, batch=2, length=37, heads=4, kv_heads=2, head_dim=8):
@@ -43,6 +47,22 @@ def test_values_and_gradients_equal_dense_attention(length, block, window):
     for got, expected in zip(jax.grad(flash, argnums=(0, 1, 2))(q, k, v),
                              jax.grad(dense, argnums=(0, 1, 2))(q, k, v), strict=True):
         np.testing.assert_allclose(got, expected, atol=5e-6)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_both_kernels_report_the_largest_attended_logit(window):
+    """The health statistic: max over allowed (query, key) of q.k / sqrt(d), from a naive loop."""
+    q, k, v, segments, _ = random_inputs(29, length=29)
+    mask = np.asarray(attention_mask(segments, window))[:, 0]
+    group = q.shape[2] // k.shape[2]
+    naive = -np.inf
+    for b in range(q.shape[0]):
+        for h in range(q.shape[2]):
+            scores = q[b, :, h] @ k[b, :, h // group].T / np.sqrt(q.shape[-1])
+            naive = max(naive, scores[mask[b]].max())
+    _, dense_max = dot_product_attention_with_max_logit(q, k, v, attention_mask(segments, window))
+    _, flash_max = flash_attention_with_max_logit(q, k, v, segments, window, 8)
+    np.testing.assert_allclose([dense_max, flash_max], [naive, naive], rtol=1e-5)
 
 
 @pytest.fixture

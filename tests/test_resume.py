@@ -14,12 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 20, 4
 
 
-def train_command(output_dir: Path) -> list[str]:
+def train_command(output_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return [
         sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny.py"),
         f"--config.train.steps={STEPS}", f"--config.train.output_dir={output_dir}",
         f"--config.checkpoint.every_steps={EVERY}", "--config.train.log_every=1",
         "--config.train.global_batch_size=4", "--config.train.seq_len=64", "--config.model.dtype=float32",
+        *extra,
     ]
 
 
@@ -29,15 +30,16 @@ def environment() -> dict:
     return env
 
 
-def run_to_end(output_dir: Path) -> None:
-    done = subprocess.run(train_command(output_dir), env=environment(), capture_output=True, text=True,
+def run_to_end(output_dir: Path, extra: tuple[str, ...] = ()) -> None:
+    done = subprocess.run(train_command(output_dir, extra), env=environment(), capture_output=True, text=True,
                           timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def losses(output_dir: Path) -> list[tuple[int, float]]:
-    """Every (step, loss) line in metrics.jsonl, including steps written twice (before a kill and after)."""
-    path = output_dir / "metrics.jsonl"
+def losses(output_dir: Path, name: str = "metrics.jsonl") -> list[tuple[int, float]]:
+    """Every (step, loss) line of metrics.jsonl (or of metrics.superseded.jsonl: the lines of steps that
+    a killed attempt ran after its last checkpoint and the rerun ran again)."""
+    path = output_dir / name
     if not path.is_file():
         return []
     records = []
@@ -56,8 +58,8 @@ def committed_steps(output_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
 
 
-def start_and_wait(output_dir: Path, until) -> subprocess.Popen:
-    process = subprocess.Popen(train_command(output_dir), env=environment(), cwd=REPO,
+def start_and_wait(output_dir: Path, until, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    process = subprocess.Popen(train_command(output_dir, extra), env=environment(), cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not until():
@@ -96,9 +98,13 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, reference):
     assert killed_at < STEPS
     run_to_end(tmp_path)
     assert_matches_reference(tmp_path, reference)
-    # Steps after the restored checkpoint were computed twice (before the kill and after): same values.
+    # Steps after the restored checkpoint were computed twice (before the kill and after): metrics.jsonl
+    # holds each once, the killed attempt's lines moved aside, with the same values.
     steps = [s for s, _ in losses(tmp_path)]
-    assert len(steps) > len(set(steps))
+    assert len(steps) == len(set(steps))
+    superseded = losses(tmp_path, "metrics.superseded.jsonl")
+    assert superseded and min(s for s, _ in superseded) > EVERY - 1
+    assert all(loss == reference[step] for step, loss in superseded)
 
 
 @pytest.mark.parametrize("preemption", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import grain
 import ml_collections
@@ -220,6 +220,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     """This process' rows of each global batch; state is the number of global rows consumed.
 
     formats: the corpus formats this iterator may read (default: plain text only).
+    batch_sizes: step -> global batch size, for a batch-size ramp (default: global_batch_size always);
+    the rows of step s are still rows [sum of the earlier sizes, + size of s), so resume stays exact.
     """
 
     def __init__(
@@ -232,8 +234,10 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         process_index: int = 0,
         process_count: int = 1,
         formats: Mapping[str, CorpusFormat] = TEXT_ONLY,
+        batch_sizes: Callable[[int], int] | None = None,
     ):
         self.formats = dict(formats)
+        self._batch_size_at = batch_sizes
         self._validate(data_config)
         if global_batch_size < 1 or process_count < 1 or global_batch_size % process_count:
             raise DataError(
@@ -326,6 +330,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._batch_size_at is not None:
+            self._resize(int(self._batch_size_at(self.step)))
         if self._iterator is None:
             self._iterator = iter(self.dataset(self.rows_consumed))
         batch = next(self._iterator)
@@ -333,6 +339,17 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self.rows_consumed += self.global_batch_size
         self.step += 1
         return batch
+
+    def _resize(self, global_batch_size: int) -> None:
+        """Batches of another size from here on (the reading pipeline is rebuilt at the current row)."""
+        if global_batch_size == self.global_batch_size:
+            return
+        if global_batch_size < 1 or global_batch_size % self.process_count:
+            raise DataError(f"a global batch of {global_batch_size} rows at step {self.step}: expected a "
+                            f"positive multiple of the process count {self.process_count}")
+        self.close()
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // self.process_count
 
     def _account(self, batch: dict[str, np.ndarray]) -> None:
         stats = self.packing_stats

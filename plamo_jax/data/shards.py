@@ -119,8 +119,12 @@ def open_token_shards(directory: str | Path) -> tuple[TokenDocuments, dict]:
         for path in (tokens_path, offsets_path):
             if not path.is_file():
                 raise DataError(f"{str(path)!r} is listed in {MANIFEST} but missing; re-run tokenize_corpus")
-        offsets = np.load(offsets_path)
-        tokens = np.load(tokens_path, mmap_mode="r")
+        try:
+            offsets = np.load(offsets_path)
+            tokens = np.load(tokens_path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as error:  # numpy's words for a cut or damaged .npy file
+            raise DataError(f"token shard {str(tokens_path)!r} (or its offsets) cannot be read: {error}; "
+                            "expected a complete shard (re-run tokenize_corpus)") from None
         if len(offsets) != shard["documents"] + 1 or int(offsets[-1]) != len(tokens):
             raise DataError(
                 f"{str(tokens_path)!r} holds {len(tokens)} tokens / {len(offsets) - 1} documents but "

@@ -8,6 +8,7 @@ import ml_collections
 import optax
 
 from plamo_jax.errors import ConfigError
+from plamo_jax.train.batch_ramp import BatchRamp
 
 SCHEDULES = ("cosine", "wsd", "constant")
 WSD_DECAY_SHAPES = ("linear", "cosine", "sqrt")
@@ -39,6 +40,14 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
     return optax.join_schedules([warmup_fn, main], [warmup])
 
 
+def run_schedule(opt: ml_collections.ConfigDict, total_steps: int, ramp: BatchRamp | None) -> optax.Schedule:
+    """The learning rate at each optimizer step: under a ramp, of the samples consumed before it."""
+    if ramp is None:
+        return learning_rate_schedule(opt, total_steps)
+    on_samples = learning_rate_schedule(opt, ramp.samples_before(total_steps) / ramp.final)
+    return lambda count: on_samples(ramp.progress(count))
+
+
 def decay_mask(params, no_decay: str):
     """True for parameters that get weight decay: path contains none of the excluded substrings."""
     excluded = [s.strip() for s in no_decay.split(",") if s.strip()]
@@ -50,8 +59,10 @@ def decay_mask(params, no_decay: str):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(opt, total_steps)
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,
+                   ramp: BatchRamp | None = None) -> optax.GradientTransformation:
+    """AdamW; under a batch-size ramp the schedule runs on consumed samples (in full-batch units)."""
+    schedule = run_schedule(opt, total_steps, ramp)
     adamw = optax.adamw(
         schedule,
         b1=opt.b1,

@@ -30,6 +30,7 @@ from plamo_jax.parallel.mesh import make_abstract_mesh, make_mesh
 from plamo_jax.parallel.rules import Rules
 from plamo_jax.train import guards
 from plamo_jax.train import state as state_lib
+from plamo_jax.train.batch_ramp import BatchRamp, make_ramp
 from plamo_jax.train.flops import train_flops_per_token
 from plamo_jax.train.objectives import Objective, get_objective
 from plamo_jax.train.optimizer import make_optimizer
@@ -63,6 +64,7 @@ class Run(ModelRun):
 
     objective: Objective
     optimizer: optax.GradientTransformation
+    ramp: BatchRamp | None = None  # a batch-size ramp-up (train.rampup_*), else None
 
     @property
     def guard(self) -> guards.GuardSettings:
@@ -115,8 +117,16 @@ class Run(ModelRun):
 
     # -- accounting -------------------------------------------------------------------------------
 
+    def global_batch_at(self, step: int) -> int:
+        """Global batch of the step with 0-based index `step` (train.global_batch_size without a ramp)."""
+        return self.ramp.batch_size(step) if self.ramp is not None else self.config.train.global_batch_size
+
+    def tokens_at(self, step: int) -> int:
+        return self.global_batch_at(step) * self.config.train.seq_len * self.objective.sequences_per_example
+
     @property
     def tokens_per_step(self) -> int:
+        """Tokens of a step at the full global batch."""
         t = self.config.train
         return t.global_batch_size * t.seq_len * self.objective.sequences_per_example
 
@@ -129,14 +139,15 @@ class Run(ModelRun):
     def check_process_rows(self) -> None:
         """Each process must feed exactly the rows its devices hold (the batch axes span the processes)."""
         t = self.config.train
-        held = state_lib.rows_per_process(self.batch_sharding, t.global_batch_size, t.seq_len)
-        per_process = t.global_batch_size // jax.process_count()
-        if held != per_process:
-            raise ConfigError(
-                f"config section mesh: each process's devices hold {held} of the {t.global_batch_size} batch "
-                f"rows, but each of the {jax.process_count()} processes reads {per_process}; expected the "
-                "batch axes (data x fsdp x expert) to split the batch across processes"
-            )
+        for size in sorted(set(self.ramp.sizes if self.ramp is not None else ()) | {t.global_batch_size}):
+            held = state_lib.rows_per_process(self.batch_sharding, size, t.seq_len)
+            per_process = size // jax.process_count()
+            if held != per_process or size % jax.process_count():
+                raise ConfigError(
+                    f"config section mesh: each process's devices hold {held} of the {size} batch rows, but "
+                    f"each of the {jax.process_count()} processes reads {per_process}; expected the batch "
+                    "axes (data x fsdp x expert) to split every global batch across processes"
+                )
 
 
 def _mesh(config, devices: Sequence | None, num_devices: int | None) -> Mesh | AbstractMesh:
@@ -169,6 +180,7 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence | None = None
     validate(config, count)
     mesh = _mesh(config, devices, num_devices)
     rules = mesh_rules(config)
+    ramp = make_ramp(config.train)
     return Run(config, mesh, rules, registry.get_family(config.model),
                state_lib.setup_model(config.model, mesh, rules), get_objective(config.train.objective),
-               make_optimizer(config.optimizer, config.train.steps))
+               make_optimizer(config.optimizer, config.train.steps, ramp), ramp)

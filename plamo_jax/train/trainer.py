@@ -157,7 +157,7 @@ class MetricsLog:
         is_main = jax.process_index() == 0
         self.data = data
         self.goodput = goodput
-        self.tokens_per_step = run.tokens_per_step
+        self.tokens_at = run.tokens_at
         self.flops_per_token = run.flops_per_token
         self.peak = peak_flops(config.train.peak_flops_per_device, config.model,
                                calibrate=bool(config.train.calibrate_peak_flops))
@@ -185,7 +185,7 @@ class MetricsLog:
         fetched = [flatten_metrics(values) for values in jax.device_get([m for _, m in self.pending])]
         elapsed = time.perf_counter() - self._interval_start
         self.step_seconds = elapsed / len(self.pending)
-        tokens_per_second = len(self.pending) * self.tokens_per_step / elapsed
+        tokens_per_second = sum(self.tokens_at(step - 1) for step, _ in self.pending) / elapsed
         interval = {"perf/tokens_per_second": tokens_per_second, "perf/step_seconds": self.step_seconds,
                     **data_metrics(self.data), **self.goodput.interval_metrics()}
         if self.peak:
@@ -227,7 +227,8 @@ def make_data(run: Run):
     config, t = run.config, run.config.train
     data = run.objective.make_iterator(config.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
                                        seed=t.seed, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+                                       process_count=jax.process_count(),
+                                       batch_sizes=run.global_batch_at if run.ramp is not None else None)
     if data.tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(
             f"config key model.vocab_size={config.model.vocab_size}: expected at least the tokenizer's "
@@ -287,18 +288,20 @@ class Training:
 
     def loop(self) -> TrainResult:
         steps, preempted = self.config.train.steps, False
-        with PreemptionFlag() as preemption, sharding_context(self.run.mesh, self.run.rules):
-            while self.step < steps:
-                self.one_step()
-                if self.step % self.config.train.log_every == 0 or self.step == steps:
-                    self.watch(self.metrics.flush())
-                stop = preemption.agreed()
-                self.maybe_save(force=stop or self.step == steps)
-                if stop:
-                    preempted = True
-                    break
-        self.watch(self.metrics.flush())
-        self.metrics.close()
+        try:
+            with PreemptionFlag() as preemption, sharding_context(self.run.mesh, self.run.rules):
+                while self.step < steps:
+                    self.one_step()
+                    if self.step % self.config.train.log_every == 0 or self.step == steps:
+                        self.watch(self.metrics.flush())
+                    stop = preemption.agreed()
+                    self.maybe_save(force=stop or self.step == steps)
+                    if stop:
+                        preempted = True
+                        break
+            self.watch(self.metrics.flush())
+        finally:
+            self.metrics.close()  # also when the guards stop the run: the metrics so far are kept
         if self.checkpointer is not None:
             with self.goodput.timing("checkpoint"):
                 self.checkpointer.wait_until_finished()
@@ -310,8 +313,8 @@ class Training:
     def one_step(self) -> None:
         with self.goodput.timing("data"):
             local = next(self.data)
-            batch = state_lib.global_batch(local, self.run.batch_sharding,
-                                           self.config.train.global_batch_size)
+            size = self.run.global_batch_at(self.step)
+            batch = state_lib.global_batch(local, self.run.batch_sharding, size)
         shape = tuple(next(iter(batch.values())).shape)
         if shape in self.compiled_shapes:
             self.state, step_metrics = self.run.step(self.state, batch, self.frozen)
@@ -379,7 +382,7 @@ class Training:
             self.checkpointer.set_aside_after(target)  # unvouched, and its steps will be written again
             self.state, data_state = self.checkpointer.restore_latest(
                 self.run.abstract_state(), before=target + 1, defaults={"guard": self.run.fresh_guard()})
-            skip_rows = t.rewind_skip_batches * t.global_batch_size
+            skip_rows = t.rewind_skip_batches * self.run.global_batch_at(int(self.state["step"]))
             first = int(data_state["rows_consumed"])
             self.data.set_state(dict(data_state, rows_consumed=first + skip_rows))
         self.goodput.add("rewound", discarded * self.metrics.step_seconds)

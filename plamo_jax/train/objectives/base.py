@@ -9,6 +9,7 @@ through `train/run.py` and ask the objective.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
@@ -61,8 +62,10 @@ class Objective(abc.ABC):
 
     @abc.abstractmethod
     def make_iterator(self, data_config: Config, *, seq_len: int, global_batch_size: int, seed: int,
-                      process_index: int = 0, process_count: int = 1) -> TrainIterator:
-        """This process' iterator over batches of `batch_keys`, [global_batch_size // processes, seq_len]."""
+                      process_index: int = 0, process_count: int = 1,
+                      batch_sizes: Callable[[int], int] | None = None) -> TrainIterator:
+        """This process' iterator over batches of `batch_keys`, [global_batch_size // processes, seq_len]
+        (batch_sizes: step -> global batch size under a ramp)."""
 
     @abc.abstractmethod
     def loss_sums(self, graphdef: nnx.GraphDef, params: Any, frozen: Any, batch: Batch,

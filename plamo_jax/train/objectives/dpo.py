@@ -58,9 +58,10 @@ class DirectPreferenceOptimization(Objective):
                  "in [0, 0.5)")
 
     def make_iterator(self, data_config, *, seq_len, global_batch_size, seed, process_index=0,
-                      process_count=1):
+                      process_count=1, batch_sizes=None):
         return PreferenceIterator(data_config, seq_len=seq_len, global_batch_size=global_batch_size,
-                                  seed=seed, process_index=process_index, process_count=process_count)
+                                  seed=seed, process_index=process_index, process_count=process_count,
+                                  batch_sizes=batch_sizes)
 
     def check_frozen(self, config):
         check_architecture(config, config.checkpoint.init_params, "checkpoint.init_params")

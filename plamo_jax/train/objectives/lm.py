@@ -40,10 +40,10 @@ class LanguageModeling(Objective):
     data_formats = tuple(CORPUS_FORMATS)
 
     def make_iterator(self, data_config: Config, *, seq_len: int, global_batch_size: int, seed: int,
-                      process_index: int = 0, process_count: int = 1) -> TrainIterator:
+                      process_index: int = 0, process_count: int = 1, batch_sizes=None) -> TrainIterator:
         return TrainIterator(data_config, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
                              process_index=process_index, process_count=process_count,
-                             formats=CORPUS_FORMATS)
+                             formats=CORPUS_FORMATS, batch_sizes=batch_sizes)
 
     def loss_sums(self, graphdef, params, frozen, batch, config):
         del frozen
