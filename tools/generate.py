@@ -2,10 +2,12 @@
 
     python tools/generate.py --checkpoint runs/sft_tiny/checkpoints --chat "二十三を英語で。"
     python tools/generate.py --checkpoint runs/tiny/checkpoints --prompt "日本の" --max-new-tokens 64
-        [--temperature 0.8 --top-p 0.95 --seed 0] [--step N]
+        [--temperature 0.8 --top-p 0.95 --seed 0] [--step N] [--no-cache]
 
 The tokenizer and chat template come from the checkpoint's saved config (data.tokenizer,
-data.chat_template). A chat reply stops at the template's end of turn or EOS.
+data.chat_template). A chat reply stops at the template's end of turn or EOS. Dense and MoE models
+decode with a KV cache (one forward pass over the prompt, then one token per step); --no-cache
+re-runs the whole sequence for every token (the reference the cache is checked against).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 from plamo_jax import cli
 from plamo_jax.data.tokenizer import encode_to_array, tokenizer_from_config
-from plamo_jax.evaluate.generate import generate
+from plamo_jax.evaluate.generate import Sampling, generator_for
 from plamo_jax.posttrain.sft import chat_template, generation_prompt
 from plamo_jax.train.checkpoint import load_config, load_params
 from plamo_jax.train.run import build_model
@@ -32,6 +34,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="re-run the whole sequence per token")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens={args.max_new_tokens}: expected >= 1")
@@ -55,10 +58,15 @@ def main(argv: list[str]) -> int:
     else:
         bos = [tokenizer.bos_id] if config.data.add_bos else []
         prompt_ids = np.concatenate([bos, encode_to_array(tokenizer, args.prompt)]).astype(np.int32)
-    graphdef = run.setup.graphdef
     stop_ids = (tokenizer.eos_id,)
-    ids = generate(graphdef, params, prompt_ids, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+    def reached_stop_text(row: int, ids: list[int]) -> bool:
+        return stop_text in tokenizer.decode([i for i in ids if i not in stop_ids])
+
+    generator = generator_for(run, params, pad_id=tokenizer.pad_id, cached=False if args.no_cache else None)
+    [ids] = generator.generate([prompt_ids], max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
+                               stop=reached_stop_text if stop_text else None,
+                               sampling=Sampling(args.temperature, args.top_p, args.seed))
     text = tokenizer.decode([i for i in ids if i not in stop_ids])
     if stop_text is not None and stop_text in text:
         text = text[: text.index(stop_text)]

@@ -124,6 +124,37 @@ class Attention(nnx.Module):
             impl=cfg.attention_impl, block=cfg.attention_block,
         )
 
+    # --- cached decoding (dense and MoE families) ------------------------------------------------------
+
+    def init_cache(self, batch: int, max_length: int) -> dict[str, jax.Array]:
+        """Empty keys and values [batch, max_length, kv_heads, head_dim] in the compute dtype."""
+        shape = (batch, max_length, self.num_kv_heads, self.head_dim)
+        return {"key": jnp.zeros(shape, self.dtype), "value": jnp.zeros(shape, self.dtype)}
+
+    def extend(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        start: int | jax.Array,
+        cache: dict[str, jax.Array],
+        key_valid_BS: jax.Array,
+        window: int | jax.Array = 0,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Attention of T new tokens written to cache columns start..start+T-1: (output, new cache).
+
+        Columns are shared by the rows of a batch (one write index), positions are per row, so rows of
+        different lengths decode together left-padded; `key_valid_BS` marks the columns holding a real
+        token of the row (padding never is). The result equals the full forward pass over the row.
+        """
+        q, k, v = self.project_qkv(x_BTD, positions_BT)
+        write = jax.lax.dynamic_update_slice_in_dim
+        keys = write(cache["key"], k.astype(cache["key"].dtype), start, 1)
+        values = write(cache["value"], v.astype(cache["value"].dtype), start, 1)
+        query_columns_T = start + jnp.arange(x_BTD.shape[1])
+        mask = cached_attention_mask(query_columns_T, key_valid_BS, window)
+        attended = dot_product_attention(q, keys, values, mask)
+        return self.project_out(attended), {"key": keys, "value": values}
+
     def project_qkv(self, x_BLD: jax.Array, positions_BL: jax.Array):
         """q, k, v after QK-norm and RoPE (exposed for recurrent decoding with a KV cache)."""
         q, k, v = (
@@ -169,6 +200,17 @@ class Attention(nnx.Module):
             attended, max_logit = dot_product_attention_with_max_logit(q, k, v, mask)
         attended = constrain(attended, ("act_batch", None, "act_heads", "act_head_dim"))
         return self.project_out(attended), max_logit
+
+
+def cached_attention_mask(query_columns_T: jax.Array, key_valid_BS: jax.Array,
+                          window: int | jax.Array = 0) -> jax.Array:
+    """[B, 1, T, S] mask of T queries at cache columns `query_columns_T` over S cached columns: causal,
+    real keys only, and within `window` columns when window > 0 (a row's columns are consecutive positions).
+    """
+    distance_TS = query_columns_T[:, None] - jnp.arange(key_valid_BS.shape[1])[None, :]
+    window = jnp.asarray(window)
+    allowed_TS = (distance_TS >= 0) & ((window <= 0) | (distance_TS < window))
+    return (allowed_TS[None] & key_valid_BS[:, None, :])[:, None]
 
 
 class PerHeadRMSNorm(nnx.Module):

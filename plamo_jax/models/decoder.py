@@ -2,7 +2,8 @@
 
 The block comes from the family's spec (models/registry.py); blocks are created with `nnx.vmap`
 (parameters stacked along a leading `layers` axis) and applied with `nnx.scan`, so compile time does
-not grow with depth.
+not grow with depth. Families with `cached_decoding` also decode token by token with a KV cache
+(`init_cache`, `extend`), stacked along the same blocks axis.
 """
 
 from __future__ import annotations
@@ -84,3 +85,30 @@ class Decoder(nnx.Module):
 
         x, aux_per_block = run_stack(x, self.blocks, jnp.arange(self.num_blocks))
         return self.logits(x), aux_per_block
+
+    # --- cached decoding (families with FamilySpec.cached_decoding) -----------------------------------
+
+    def init_cache(self, batch: int, max_length: int) -> dict[str, jax.Array]:
+        """Every block's empty cache for `max_length` columns, stacked along a leading blocks axis."""
+
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def per_block(block):
+            return block.init_cache(batch, max_length)
+
+        return per_block(self.blocks)
+
+    def extend(self, input_ids_BT: jax.Array, positions_BT: jax.Array, start: int | jax.Array,
+               cache: dict[str, jax.Array], key_valid_BS: jax.Array) -> tuple[jax.Array, dict]:
+        """T new tokens at cache columns start..start+T-1: (fp32 logits [B, T, V], the updated cache).
+
+        Prefill is `extend(prompts, positions, 0, init_cache(B, S), valid)`; decoding feeds one token
+        per call. `key_valid_BS` marks the columns that hold (or will hold) a row's real tokens.
+        """
+        x = self.embed_tokens(input_ids_BT)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0), unroll=self.scan_unroll)
+        def run_stack(x_BTD, block, block_cache, block_index):
+            return block.extend(x_BTD, positions_BT, start, block_cache, key_valid_BS, block_index)
+
+        x, cache = run_stack(x, self.blocks, cache, jnp.arange(self.num_blocks))
+        return self.logits(x), cache

@@ -33,6 +33,16 @@ class DenseBlock(nnx.Module):
         x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
         return x_BLD, {"max_attention_logit": max_logit}
 
+    def init_cache(self, batch: int, max_length: int) -> dict:
+        return self.attn.init_cache(batch, max_length)
+
+    def extend(self, x_BTD, positions_BT, start, cache, key_valid_BS, block_index):
+        """The block on T new tokens with the attention's KV cache (decoder.Decoder.extend)."""
+        del block_index
+        attended, cache = self.attn.extend(self.attn_norm(x_BTD), positions_BT, start, cache, key_valid_BS)
+        x_BTD = x_BTD + attended
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+
 
 def validate_mlp(cfg: ml_collections.ConfigDict, sizes: MeshSizes) -> None:
     """model.mlp_dim: positive, split evenly by tensor parallelism (dense and hybrid MLPs)."""
@@ -60,4 +70,5 @@ DENSE = FamilySpec(
     hf_formats=("llama", "qwen3"),
     default_hf_format=default_hf_format,
     megatron_formula=True,
+    cached_decoding=True,
 )

@@ -123,7 +123,9 @@ class MoEMLP(nnx.Module):
         self.shared = (SwiGLU.from_config(cfg, cfg.num_shared_experts * width, rngs=rngs)
                        if cfg.num_shared_experts else None)
 
-    def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x_BLD: jax.Array, dropless: bool = False
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """dropless: ignore model.capacity_factor (decoding with a KV cache)."""
         batch, length, d_model = x_BLD.shape
         x = x_BLD.astype(self.dtype)
         # Router in fp32: small logit differences decide the expert.
@@ -133,7 +135,7 @@ class MoEMLP(nnx.Module):
                                                  self.renormalize)
         capacity = None
         keep_TK = jnp.ones(experts_TK.shape, bool)
-        if self.capacity_factor > 0:
+        if self.capacity_factor > 0 and not dropless:
             capacity = expert_capacity(batch * length, self.num_selected, self.num_experts,
                                        self.capacity_factor)
             keep_TK = capacity_keep_mask(experts_TK, self.num_experts, capacity)
@@ -176,6 +178,17 @@ class MoEBlock(nnx.Module):
         x_BLD = x_BLD + attended
         mlp_out_BLD, aux = self.mlp(self.mlp_norm(x_BLD))
         return x_BLD + mlp_out_BLD, {**aux, "max_attention_logit": max_logit}
+
+    def init_cache(self, batch: int, max_length: int) -> dict:
+        return self.attn.init_cache(batch, max_length)
+
+    def extend(self, x_BTD, positions_BT, start, cache, key_valid_BS, block_index):
+        """The block on T new tokens with the attention's KV cache; the experts drop no token."""
+        del block_index
+        attended, cache = self.attn.extend(self.attn_norm(x_BTD), positions_BT, start, cache, key_valid_BS)
+        x_BTD = x_BTD + attended
+        mlp_out_BTD, _ = self.mlp(self.mlp_norm(x_BTD), dropless=True)
+        return x_BTD + mlp_out_BTD, cache
 
 
 # ----------------------------------------------------------------------------------- the family spec
@@ -233,6 +246,7 @@ MOE = FamilySpec(
     dispatch_bytes=dispatch_bytes,
     hf_formats=("mixtral", "qwen3_moe"),
     default_hf_format=default_hf_format,
+    cached_decoding=True,
 )
 
 
