@@ -136,3 +136,25 @@ def test_sequence_parallelism_shards_activations_outside_attention():
     assert residual == (2, 8, config.model.d_model)  # batch over fsdp=4, sequence over sequence=2
     keys = seen["keys"].shard_shape((8, 16, config.model.num_kv_heads, config.model.head_dim))
     assert keys[1] == 16  # whole sequence inside attention
+
+
+def test_a_batch_smaller_than_the_batch_axes_gives_the_same_logits():
+    """A batch of 4 on an 8-way fsdp mesh: the activation constraints leave the batch whole instead of
+    asking for an 8-way split of 4 rows (which jax >= 0.11 refuses to compile)."""
+    config = small_config()
+    host_params = jax.device_get(state_lib.init_params(config.model, state_lib.setup_model(
+        config.model, mesh_of(data=1), mesh_rules(config)), seed=0))
+    batch = random_batch(np.random.default_rng(1), 4, 16, config.model.vocab_size)
+    logits = {}
+    for name, mesh in (("one device", mesh_of(data=1)), ("fsdp=8", mesh_of(fsdp=8))):
+        rules = mesh_rules(config)
+        setup = state_lib.setup_model(config.model, mesh, rules)
+        params = jax.device_put(host_params, setup.param_shardings)
+
+        def forward(params, ids, segments, positions, setup=setup):
+            return nnx.merge(setup.graphdef, params)(ids, segments, positions)[0]
+
+        with sharding_context(mesh, rules):
+            logits[name] = jax.device_get(jax.jit(forward)(
+                params, batch["input_ids"], batch["segment_ids"], batch["positions"]))
+    np.testing.assert_allclose(logits["fsdp=8"], logits["one device"], rtol=2e-5, atol=2e-5)

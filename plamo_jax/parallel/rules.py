@@ -79,11 +79,14 @@ def logical_to_spec(
     mesh: Mesh,
     shape: Sequence[int] | None = None,
     what: str = "tensor",
+    drop_indivisible: bool = False,
 ) -> PartitionSpec:
     """PartitionSpec for a tensor with the given logical axes.
 
     Mesh axes of size 1 are dropped (they shard nothing), a mesh axis already used by an earlier
-    dimension is not reused, and, when `shape` is given, every sharded dimension must divide evenly.
+    dimension is not reused, and, when `shape` is given, every sharded dimension must divide evenly:
+    a ShardingError, or with `drop_indivisible` the rule's mesh axes are dropped from the last until
+    the rest divide (a batch of 4 on an 8-way fsdp axis stays whole).
     """
     if logical_axes is None:
         return PartitionSpec()
@@ -96,6 +99,9 @@ def logical_to_spec(
         if name not in rules:
             raise ShardingError(f"{what}: logical axis {name!r} has no rule; known: {sorted(rules)}")
         axes = tuple(a for a in (rules[name] or ()) if mesh.shape.get(a, 1) > 1 and a not in used)
+        if shape is not None and drop_indivisible:
+            while axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+                axes = axes[:-1]
         if shape is not None and axes:
             size = math.prod(mesh.shape[a] for a in axes)
             if shape[dim] % size:
@@ -144,10 +150,14 @@ def active_mesh_and_rules() -> tuple[Mesh, Rules] | None:
 
 
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
-    """Sharding constraint by logical names; a no-op outside `sharding_context`."""
+    """Sharding constraint by logical names; a no-op outside `sharding_context`.
+
+    Mesh axes that do not divide a dimension are left out for it (`drop_indivisible`): any batch the
+    mesh can hold works, e.g. an evaluation batch smaller than the data x fsdp axes.
+    """
     current = _ACTIVE.get()
     if current is None:
         return x
     mesh, rules = current
-    spec = logical_to_spec(logical_axes, rules, mesh)
+    spec = logical_to_spec(logical_axes, rules, mesh, x.shape, drop_indivisible=True)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
