@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,hf]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,hf,lm_eval,datasets]"
 	touch $(STAMP)
 
 train: setup

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -30,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from plamo_jax.errors import DataError
+from plamo_jax.evaluate.batching import batch_shard_count, round_up
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train.run import ModelRun
 
@@ -71,10 +71,6 @@ class DecodeState(NamedTuple):
     count_B: jax.Array  # tokens generated per row
     out_BN: jax.Array  # generated tokens, row b's first count_B[b] are real
     key: jax.Array
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 # -- device programs: module-level and keyed by the (hashable) graphdef, so every Generator of one model
@@ -145,7 +141,7 @@ def _decode(params, state: DecodeState, positions_BS, valid_BS, max_new_B, steps
 
 def _stop_array(stop_ids: Sequence[int]) -> np.ndarray:
     """Stop ids padded with -1 to a multiple of 8 entries (few compiled shapes)."""
-    stops = np.full(_round_up(max(1, len(stop_ids)), 8), -1, np.int32)
+    stops = np.full(round_up(max(1, len(stop_ids)), 8), -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
     return stops
 
@@ -211,9 +207,9 @@ class _Layout:
     """Left-padded prompts in a [rows, prompt_columns + new_columns] buffer; padding rows are born done."""
 
     def __init__(self, prompts, limits: list[int], batch_multiple: int, length_multiple: int, pad_id: int):
-        rows = _round_up(len(prompts), batch_multiple)
-        self.prompt_columns = _round_up(max(len(p) for p in prompts), length_multiple)
-        self.new_columns = _round_up(max(1, max(limits)), length_multiple)
+        rows = round_up(len(prompts), batch_multiple)
+        self.prompt_columns = round_up(max(len(p) for p in prompts), length_multiple)
+        self.new_columns = round_up(max(1, max(limits)), length_multiple)
         self.pad_id = pad_id
         columns = self.prompt_columns + self.new_columns
         self.tokens = np.full((rows, columns), pad_id, np.int32)
@@ -237,12 +233,8 @@ class _Layout:
 def generator_for(run: ModelRun, params: Any, *, pad_id: int = 0, cached: bool | None = None) -> Generator:
     """A Generator on the run's mesh; the family's KV cache if it has one (cached=False re-runs buffers)."""
     use_cache = run.family.cached_decoding if cached is None else cached
-    sharding = run.batch_sharding
-    batch_axes = sharding.spec[0] if len(sharding.spec) else None
-    batch_axes = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-    batch_multiple = math.prod(run.mesh.shape[axis] for axis in batch_axes)
     return Generator(run.setup.graphdef, params, cached=use_cache, pad_id=pad_id,
-                     batch_multiple=batch_multiple, mesh=run.mesh, rules=run.rules)
+                     batch_multiple=batch_shard_count(run), mesh=run.mesh, rules=run.rules)
 
 
 def generate(graphdef: nnx.GraphDef, params, prompt_ids: np.ndarray, *, max_new_tokens: int,
