@@ -132,6 +132,9 @@ def _train_defaults() -> ml_collections.ConfigDict:
     t.spike_sigma = 6.0  # 0 turns the spike test off (the non-finite test always applies)
     t.spike_window = 128  # healthy steps the mean and std are taken over
     t.spike_warmup = 20  # healthy steps seen before the spike test applies
+    # A spike still there after spike_patience skipped steps comes from the parameters (an update
+    # already applied), not the data: it is taken as the new level and training goes on. 0 = never.
+    t.spike_patience = 4
     # After rewind_after consecutive skipped steps, restart from the newest checkpoint a later healthy
     # step vouched for and skip the rewind_skip_batches batches that follow it (PaLM); 0 = never rewind.
     t.rewind_after = 0
@@ -260,6 +263,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     _require(t.spike_sigma >= 0, "train.spike_sigma", t.spike_sigma, ">= 0 (0 = no spike test)")
     _require(t.spike_window >= 2, "train.spike_window", t.spike_window, "at least 2 steps")
     _require(t.spike_warmup >= 2, "train.spike_warmup", t.spike_warmup, "at least 2 steps")
+    _require(t.spike_patience >= 0, "train.spike_patience", t.spike_patience, ">= 0 steps")
     for key in ("rewind_after", "rewind_skip_batches", "max_rewinds"):
         _require(t[key] >= 0, f"train.{key}", t[key], ">= 0")
     _require(t.rewind_after == 0 or t.rewind_after < t.max_bad_steps, "train.rewind_after", t.rewind_after,

@@ -87,7 +87,7 @@ def read_metrics(output_dir) -> list[dict]:
 
 
 def test_spike_rule_is_mean_plus_sigma_std_of_the_healthy_window():
-    settings = guards.GuardSettings(spike_sigma=3.0, window=4, warmup=3)
+    settings = guards.GuardSettings(spike_sigma=3.0, window=4, warmup=3, patience=0)
     guard = guards.initial_state(settings)
     history = [2.0, 2.2, 1.9, 2.1, 2.05]  # five healthy steps into a window of four
     for value in history:
@@ -105,6 +105,31 @@ def test_spike_rule_is_mean_plus_sigma_std_of_the_healthy_window():
     cold = guards.initial_state(settings)  # before `warmup` healthy steps nothing is a spike
     reason, _ = guards.assess(cold, jnp.float32(1e9), jnp.float32(1.0), jnp.float32(1.0), settings)
     assert int(reason) == guards.HEALTHY
+
+
+def test_a_lasting_spike_is_taken_after_patience_skips_and_a_non_finite_step_never_is():
+    """A bad update spikes every batch after it; skipping cannot cure it, so after `patience` skips the
+    spike is the new level (the FP8 run that used to stop at max_bad_steps recovered unguarded)."""
+    settings = guards.GuardSettings(spike_sigma=3.0, window=8, warmup=3, patience=2)
+    guard = guards.initial_state(settings)
+    for value in (2.0, 2.1, 1.9, 2.0):
+        _, guard = guards.assess(guard, jnp.float32(value), jnp.float32(1.0), jnp.float32(1.0), settings)
+    reasons = []
+    for value in (9.0, 9.1, 8.9, 9.0):  # the loss moved to a new level and stays there
+        reason, guard = guards.assess(guard, jnp.float32(value), jnp.float32(1.0), jnp.float32(1.0), settings)
+        reasons.append(int(reason))
+    assert reasons[:2] == [guards.LOSS_SPIKE] * 2 and reasons[2] == guards.HEALTHY
+    assert int(guard["taken"]) == 1 and int(guard["skipped"]) == 2 and int(guard["bad_in_a_row"]) == 0
+    assert float(guard["losses"][4]) == np.float32(8.9)  # the taken step entered the window
+    # two spikes, then a normal batch: the count starts again, nothing is taken
+    guard = guards.initial_state(settings)
+    for value in (2.0, 2.1, 1.9, 2.0, 9.0, 9.0, 2.0, 9.0):
+        reason, guard = guards.assess(guard, jnp.float32(value), jnp.float32(1.0), jnp.float32(1.0), settings)
+    assert int(reason) == guards.LOSS_SPIKE and int(guard["taken"]) == 0
+    for _ in range(5):  # non-finite steps are skipped however long they last
+        reason, guard = guards.assess(guard, jnp.float32(np.nan), jnp.float32(1.0), jnp.float32(1.0), settings)
+        assert int(reason) == guards.NOT_FINITE
+    assert int(guard["bad_in_a_row"]) == 6 and int(guard["taken"]) == 0
 
 
 def test_a_non_finite_step_leaves_parameters_and_optimizer_state_bit_identical():

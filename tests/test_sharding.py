@@ -9,6 +9,7 @@ from helpers import mesh_of, random_batch, small_config
 from plamo_jax.configuration import mesh_rules
 from plamo_jax.models import attention as attention_module
 from plamo_jax.parallel.rules import sharding_context
+from plamo_jax.train import guards
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.objectives.lm import LANGUAGE_MODELING, lm_loss_sums
 from plamo_jax.train.optimizer import make_optimizer
@@ -34,6 +35,7 @@ def run_step(config, mesh, host_params, host_batch):
         "params": params,
         "opt_state": jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params),
         "rng": jax.device_put(np.zeros(2, np.uint32), shardings["rng"]),
+        "guard": jax.device_put(guards.initial_state(state_lib.DEFAULT_GUARD), shardings["guard"]),
     }
     batch_sharding = state_lib.batch_sharding(mesh, rules)
     batch = jax.device_put(host_batch, batch_sharding)
@@ -113,7 +115,7 @@ def test_sequence_parallelism_shards_activations_outside_attention():
         state_lib.batch_sharding(mesh, rules),
     )
     seen = {}
-    real_attention = attention_module.dot_product_attention
+    real_attention = attention_module.dot_product_attention_with_max_logit
 
     def recording_attention(q, k, v, mask):
         jax.debug.inspect_array_sharding(k, callback=lambda s: seen.setdefault("keys", s))
@@ -126,12 +128,12 @@ def test_sequence_parallelism_shards_activations_outside_attention():
         logits, _ = model(batch["input_ids"], batch["segment_ids"], batch["positions"])
         return logits
 
-    attention_module.dot_product_attention = recording_attention
+    attention_module.dot_product_attention_with_max_logit = recording_attention
     try:
         with sharding_context(mesh, rules):
             jax.jit(forward).lower(params, batch).compile()
     finally:
-        attention_module.dot_product_attention = real_attention
+        attention_module.dot_product_attention_with_max_logit = real_attention
     residual = seen["residual"].shard_shape((8, 16, config.model.d_model))
     assert residual == (2, 8, config.model.d_model)  # batch over fsdp=4, sequence over sequence=2
     keys = seen["keys"].shard_shape((8, 16, config.model.num_kv_heads, config.model.head_dim))

@@ -234,7 +234,8 @@ def parameter_bytes(run: Run, layout: Layout, num_blocks: int) -> ParameterBytes
         transform_non_params=lambda leaf: leaf.size * leaf.dtype.itemsize)
     return ParameterBytes(
         stored_bytes=FP32_BYTES * sum(p.stored for p in leaves),
-        optimizer_bytes=float(sum(jax.tree.leaves(opt_bytes))) + TRAIN_STATE_SCALAR_BYTES,
+        optimizer_bytes=float(sum(jax.tree.leaves(opt_bytes))) + TRAIN_STATE_SCALAR_BYTES
+        + nbytes(jax.tree.leaves(state_lib.abstract_guard(run.guard))),  # its windows, replicated
         block_stored_elements=sum(p.stored for p in leaves if p.module == "blocks") / num_blocks,
         block_compute_elements=sum(p.compute for p in leaves if p.module == "blocks") / num_blocks,
         embeddings_compute_elements=sum(p.compute for p in leaves if p.module in ("embed", "lm_head")),
@@ -371,7 +372,7 @@ def estimate_memory(config: ml_collections.ConfigDict, num_devices: int, *, devi
     items = [
         MemoryItem("parameters", fp32_shards, f"fp32, {format_count(params.count)}, sharded by rules"),
         MemoryItem("gradients", fp32_shards, "fp32, laid out like the parameters"),
-        MemoryItem("optimizer states", params.optimizer_bytes, "AdamW mu + nu (fp32), step counts, RNG key"),
+        MemoryItem("optimizer states", params.optimizer_bytes, "AdamW mu + nu (fp32), step counts, RNG key, guard windows"),
         MemoryItem("optimizer update", fp32_shards, "fp32 clipped gradients / updates before applying"),
     ]
     if train.microbatches > 1:

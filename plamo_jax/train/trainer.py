@@ -278,6 +278,7 @@ class Training:
             self.frozen = run.load_frozen()  # e.g. DPO's reference, read once
             self.state = initial_state(run, checkpointer, data, self.frozen)
         self.step = int(self.state["step"])
+        self.lasting_spikes_taken = self.guard_count("taken")  # as of the last log interval
         self.rewinds = 0
         self.compiled_shapes: set = set()
         if jax.process_index() == 0:
@@ -328,7 +329,7 @@ class Training:
     def maybe_save(self, force: bool) -> None:
         if self.checkpointer is None or not (force or self.checkpointer.should_save(self.step)):
             return
-        bad_in_a_row = int(jax.device_get(self.state["guard"]["bad_in_a_row"]))
+        bad_in_a_row = self.guard_count("bad_in_a_row")
         if bad_in_a_row:
             log.warning("step %d: not saved: the last %d step(s) were skipped by the guard, so these "
                         "parameters are not known to be good", self.step, bad_in_a_row)
@@ -338,6 +339,9 @@ class Training:
                                                  self.config.to_json(), force=True)
         if saved:
             self.watch(self.metrics.flush())
+
+    def guard_count(self, name: str) -> int:
+        return int(jax.device_get(self.state["guard"][name]))
 
     def watch(self, records: list[tuple[int, dict[str, float]]]) -> None:
         """The guard's view of the steps just fetched: vouch, warn, rewind or stop."""
@@ -351,6 +355,12 @@ class Training:
         skipped = describe_skips(records)
         if skipped and jax.process_index() == 0:
             log.warning("guard skipped %d update(s): %s", len(skipped), "; ".join(skipped[:5]))
+        taken = int(records[-1][1].get("guard/lasting_spikes_taken", 0))
+        if taken > self.lasting_spikes_taken and jax.process_index() == 0:
+            log.warning("guard: a spike outlasted train.spike_patience=%d skipped steps, so an update already "
+                        "applied caused it; taken as the new level (%d so far, last by step %d)",
+                        t.spike_patience, taken, records[-1][0])
+        self.lasting_spikes_taken = taken
         bad_in_a_row = int(records[-1][1].get("guard/bad_in_a_row", 0))
         if bad_in_a_row >= t.max_bad_steps:
             raise TrainingDiverged(
@@ -388,6 +398,7 @@ class Training:
         self.goodput.add("rewound", discarded * self.metrics.step_seconds)
         self.rewinds += 1
         self.step = int(self.state["step"])
+        self.lasting_spikes_taken = self.guard_count("taken")
         self.metrics.restart_at(self.step)
         log.warning("rewind %d of at most %d: %d steps in a row were skipped; back to step %d, skipping "
                     "the %d batches after it (global rows %d to %d)", self.rewinds, t.max_rewinds,
