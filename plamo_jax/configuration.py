@@ -114,10 +114,15 @@ def _train_defaults() -> ml_collections.ConfigDict:
     t.microbatches = 1  # gradient accumulation steps inside one jitted step
     t.z_loss = 1e-4  # PaLM z-loss coefficient: z * log(Z)^2
     # lm: next-token loss (pre-training, SFT). dpo: Direct Preference Optimization against the
-    # frozen checkpoint.init_params, on data.format=preference pairs (plamo_jax/train/objectives/).
+    # frozen checkpoint.init_params, on data.format=preference pairs. distill: logit distillation
+    # from the frozen train.teacher_checkpoint on text / chat corpora (plamo_jax/train/objectives/).
     t.objective = "lm"
     t.dpo_beta = 0.1  # DPO: strength of the implicit KL constraint to the reference model
     t.dpo_label_smoothing = 0.0  # DPO: assumed fraction of flipped preference labels (cDPO)
+    t.teacher_checkpoint = ""  # distill: the teacher's checkpoint (any size or family, same vocabulary)
+    t.distill_temperature = 1.0  # distill: T of softmax(logits / T); the KL is scaled by T^2
+    t.distill_alpha = 0.0  # distill: loss = (1 - alpha) * T^2 * KL + alpha * cross entropy
+    t.distill_top_k = 0  # distill: > 0 = only the teacher's top-k tokens (renormalised); 0 = all
     t.log_every = 10
     t.output_dir = "runs/default"
     # MFU's denominator: > 0 = this figure; 0 = the vendor figure for the device and compute dtype, or,

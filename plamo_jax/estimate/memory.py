@@ -243,6 +243,18 @@ def parameter_bytes(run: Run, layout: Layout, num_blocks: int) -> ParameterBytes
     )
 
 
+def frozen_parameter_bytes(model_cfg: ml_collections.ConfigDict, layout: Layout) -> float:
+    """fp32 bytes per device of a frozen model's parameters on the run's mesh and rules."""
+    _, abstract_params, logical = state_lib.abstract_model(model_cfg)
+    shards = jax.tree.map(lambda leaf, axes: shard_elements(leaf.shape, axes, layout), abstract_params,
+                          logical)
+    return FP32_BYTES * sum(jax.tree.leaves(shards))
+
+
+def frozen_parameter_count(model_cfg: ml_collections.ConfigDict) -> int:
+    return state_lib.parameter_count(state_lib.abstract_model(model_cfg)[1])
+
+
 # ------------------------------------------------------------------------------------- activations
 
 
@@ -372,17 +384,20 @@ def estimate_memory(config: ml_collections.ConfigDict, num_devices: int, *, devi
     items = [
         MemoryItem("parameters", fp32_shards, f"fp32, {format_count(params.count)}, sharded by rules"),
         MemoryItem("gradients", fp32_shards, "fp32, laid out like the parameters"),
-        MemoryItem("optimizer states", params.optimizer_bytes, "AdamW mu + nu (fp32), step counts, RNG key, guard windows"),
+        MemoryItem("optimizer states", params.optimizer_bytes,
+                   "AdamW mu + nu (fp32), step counts, RNG key, guard windows"),
         MemoryItem("optimizer update", fp32_shards, "fp32 clipped gradients / updates before applying"),
     ]
     if train.microbatches > 1:
         items.append(MemoryItem("gradient accumulation", fp32_shards,
                                 f"fp32 running sum over {train.microbatches} microbatches"))
-    copies = run.objective.frozen_copies
-    if copies:
-        items.append(MemoryItem("frozen parameters", copies * fp32_shards,
-                                f"{copies} frozen fp32 copy(ies) of train.objective={run.objective.name!r}, "
-                                "sharded like the parameters"))
+    frozen = run.objective.frozen_models(config)  # DPO's reference, a distillation teacher of any size
+    if frozen:
+        counts = ", ".join(format_count(frozen_parameter_count(model_cfg)) for model_cfg in frozen)
+        frozen_bytes = sum(frozen_parameter_bytes(model_cfg, layout) for model_cfg in frozen)
+        items.append(MemoryItem("frozen parameters", frozen_bytes,
+                                f"{len(frozen)} frozen fp32 model(s) of train.objective="
+                                f"{run.objective.name!r} ({counts}), sharded by rules"))
     items += activation_items(run, layout, params, num_blocks, host_kernels)
     mesh_sizes = {axis: int(layout.mesh.shape[axis]) for axis in MESH_AXES}
     return MemoryEstimate(config.get("name", "config"), num_devices, mesh_sizes, m.remat, tuple(items),

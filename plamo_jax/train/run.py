@@ -134,7 +134,8 @@ class Run(ModelRun):
     def flops_per_token(self) -> float:
         """Model FLOPs (forward + backward, no rematerialisation) per token of `tokens_per_step`."""
         t = self.config.train
-        return train_flops_per_token(self.config.model, t.seq_len, self.objective.flops_factor)
+        factor = self.objective.flops_factor_of(self.config)
+        return train_flops_per_token(self.config.model, t.seq_len, factor)
 
     def check_process_rows(self) -> None:
         """Each process must feed exactly the rows its devices hold (the batch axes span the processes)."""

@@ -1,13 +1,15 @@
-"""Training objectives by the name train.objective gives (`lm`, `dpo`); see base.py for the spec."""
+"""Training objectives by the name train.objective gives (`lm`, `dpo`, `distill`); base.py: the spec."""
 
 from __future__ import annotations
 
 from plamo_jax.errors import ConfigError
 from plamo_jax.train.objectives.base import Objective
+from plamo_jax.train.objectives.distill import DISTILL
 from plamo_jax.train.objectives.dpo import DPO
 from plamo_jax.train.objectives.lm import LANGUAGE_MODELING
 
-OBJECTIVES: dict[str, Objective] = {objective.name: objective for objective in (LANGUAGE_MODELING, DPO)}
+OBJECTIVES: dict[str, Objective] = {objective.name: objective
+                                   for objective in (LANGUAGE_MODELING, DPO, DISTILL)}
 
 
 def register_objective(objective: Objective) -> Objective:

@@ -32,8 +32,10 @@ class Objective(abc.ABC):
     data_formats: the data.format values it trains on.
     sequence_prefixes: one batch-key prefix per sequence of an example ("" = the plain fields).
     normalizer: the metric sum that gradients are divided by (tokens, pairs).
-    flops_factor: model FLOPs per token relative to one forward + backward pass of the policy.
-    frozen_copies: parameter-sized frozen copies the objective holds (for the memory estimate).
+    flops_factor: model FLOPs per token relative to one forward + backward pass of the policy
+        (`flops_factor_of` when it depends on the config, e.g. a teacher of another size).
+    frozen_copies: parameter-sized frozen copies the objective holds (for the memory estimate;
+        `frozen_models` when what is held is another model).
     """
 
     name: ClassVar[str]
@@ -88,6 +90,14 @@ class Objective(abc.ABC):
     def abstract_frozen(self, config: Config, setup: ModelSetup) -> Any:
         """ShapeDtypeStructs (with shardings) of what `load_frozen` returns, for jit and compilation."""
         return None
+
+    def frozen_models(self, config: Config) -> tuple[Config, ...]:
+        """Model configs of the frozen parameters held, each sharded on the run's mesh (memory estimate)."""
+        return (config.model,) * self.frozen_copies
+
+    def flops_factor_of(self, config: Config) -> float:
+        """Model FLOPs per token relative to one forward + backward pass of the policy, for `config`."""
+        return self.flops_factor
 
     def start_params(self, frozen: Any) -> Any:
         """Parameters a fresh run starts from, given the frozen ones (None: random or init_params)."""
