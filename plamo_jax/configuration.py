@@ -137,8 +137,9 @@ def _train_defaults() -> ml_collections.ConfigDict:
     t.spike_sigma = 6.0  # 0 turns the spike test off (the non-finite test always applies)
     t.spike_window = 128  # healthy steps the mean and std are taken over
     t.spike_warmup = 20  # healthy steps seen before the spike test applies
-    # A spike still there after spike_patience skipped steps comes from the parameters (an update
-    # already applied), not the data: it is taken as the new level and training goes on. 0 = never.
+    # A gradient-norm spike (with a normal loss) still there after spike_patience skipped steps is a new
+    # gradient-norm level, not a bad batch: it is taken and training goes on. Loss spikes never are.
+    # 0 = never.
     t.spike_patience = 4
     # After rewind_after consecutive skipped steps, restart from the newest checkpoint a later healthy
     # step vouched for and skip the rewind_skip_batches batches that follow it (PaLM); 0 = never rewind.

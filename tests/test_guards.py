@@ -107,29 +107,34 @@ def test_spike_rule_is_mean_plus_sigma_std_of_the_healthy_window():
     assert int(reason) == guards.HEALTHY
 
 
-def test_a_lasting_spike_is_taken_after_patience_skips_and_a_non_finite_step_never_is():
-    """A bad update spikes every batch after it; skipping cannot cure it, so after `patience` skips the
-    spike is the new level (the FP8 run that used to stop at max_bad_steps recovered unguarded)."""
+def test_a_lasting_gradient_norm_spike_is_taken_after_patience_and_a_lasting_loss_spike_never_is():
+    """Skipping cannot cure a spike an applied update caused. A gradient-norm level shift with a normal loss
+    is taken after `patience` skips (the FP8 run that stopped at max_bad_steps recovers unguarded); a
+    loss that stays up is a damaged model and is never taken, nor is a non-finite step."""
     settings = guards.GuardSettings(spike_sigma=3.0, window=8, warmup=3, patience=2)
-    guard = guards.initial_state(settings)
-    for value in (2.0, 2.1, 1.9, 2.0):
-        _, guard = guards.assess(guard, jnp.float32(value), jnp.float32(1.0), jnp.float32(1.0), settings)
-    reasons = []
-    for value in (9.0, 9.1, 8.9, 9.0):  # the loss moved to a new level and stays there
-        reason, guard = guards.assess(guard, jnp.float32(value), jnp.float32(1.0), jnp.float32(1.0), settings)
-        reasons.append(int(reason))
-    assert reasons[:2] == [guards.LOSS_SPIKE] * 2 and reasons[2] == guards.HEALTHY
+
+    def assess_all(pairs, guard=None):
+        guard = guards.initial_state(settings) if guard is None else guard
+        reasons = []
+        for loss, grad_norm in pairs:
+            reason, guard = guards.assess(guard, jnp.float32(loss), jnp.float32(grad_norm), jnp.float32(1.0),
+                                          settings)
+            reasons.append(int(reason))
+        return reasons, guard
+
+    calm = [(2.0, 1.0), (2.1, 1.1), (1.9, 0.9), (2.0, 1.0)]
+    reasons, guard = assess_all(calm + [(2.0, 9.0), (2.1, 9.1), (1.9, 8.9), (2.0, 9.0)])
+    assert reasons[4:] == [guards.GRAD_SPIKE] * 2 + [guards.HEALTHY] * 2
     assert int(guard["taken"]) == 1 and int(guard["skipped"]) == 2 and int(guard["bad_in_a_row"]) == 0
-    assert float(guard["losses"][4]) == np.float32(8.9)  # the taken step entered the window
-    # two spikes, then a normal batch: the count starts again, nothing is taken
-    guard = guards.initial_state(settings)
-    for value in (2.0, 2.1, 1.9, 2.0, 9.0, 9.0, 2.0, 9.0):
-        reason, guard = guards.assess(guard, jnp.float32(value), jnp.float32(1.0), jnp.float32(1.0), settings)
-    assert int(reason) == guards.LOSS_SPIKE and int(guard["taken"]) == 0
-    for _ in range(5):  # non-finite steps are skipped however long they last
-        reason, guard = guards.assess(guard, jnp.float32(np.nan), jnp.float32(1.0), jnp.float32(1.0), settings)
-        assert int(reason) == guards.NOT_FINITE
-    assert int(guard["bad_in_a_row"]) == 6 and int(guard["taken"]) == 0
+    assert float(guard["grad_norms"][4]) == np.float32(8.9)  # the taken step entered the window
+    # two gradient spikes, then a normal batch: the count starts again, nothing is taken
+    reasons, guard = assess_all(calm + [(2.0, 9.0), (2.0, 9.0), (2.0, 1.0), (2.0, 9.0)])
+    assert reasons[-1] == guards.GRAD_SPIKE and int(guard["taken"]) == 0
+    # a loss that stays up (the learning rate of 1e3) is skipped however long it lasts
+    reasons, guard = assess_all(calm + [(3e9, 2e7)] * 6)
+    assert reasons[4:] == [guards.LOSS_SPIKE] * 6 and int(guard["taken"]) == 0
+    reasons, guard = assess_all([(np.nan, 1.0)] * 5, guard)
+    assert reasons == [guards.NOT_FINITE] * 5 and int(guard["bad_in_a_row"]) == 11
 
 
 def test_a_non_finite_step_leaves_parameters_and_optimizer_state_bit_identical():

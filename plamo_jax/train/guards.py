@@ -10,13 +10,13 @@ Only healthy steps enter the window, so a run of bad batches does not raise the 
 The spike test sees an update one step late: a step's loss is computed with the parameters the
 previous update made. A bad batch spikes once and the next batch is fine; a bad *update* spikes every
 batch after it, and skipping cannot cure it because the parameters it skips from are the ones that
-spike. So a spike that outlasts `patience` consecutive skipped steps is taken as the new level: the
-step applies (gradient clipping bounds it) and enters the window, as an unguarded run would, and the
-optimizer can recover (with train.rewind_after the host rewinds first). Non-finite steps are never
-taken.
-The guard's state (the window, the counts) is part of the train state: it is checkpointed and a
-resumed run decides exactly as an uninterrupted one. The host (train/trainer.py) reads the counts to
-stop the run or rewind it, and never saves a state whose last step was skipped.
+spike. The two spikes are told apart by what they mean after that:
+- a gradient-norm spike with a normal loss that outlasts `patience` consecutive skipped steps is a new
+  gradient-norm level (norms shift for good after a learning-rate change, in low precision, late in
+  training): the step applies (clipping bounds it) and enters the window, as an unguarded run would;
+- a lasting loss spike is never taken: the model is already damaged, and the host rewinds
+  (train.rewind_after) or stops the run (train.max_bad_steps) with the good checkpoints kept.
+Non-finite steps are never taken.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class GuardSettings:
     spike_sigma: float  # 0: no spike test
     window: int
     warmup: int
-    patience: int  # consecutive spike skips before a lasting spike is taken; 0: never taken
+    patience: int  # consecutive gradient-norm spike skips before the new level is taken; 0: never
 
     @classmethod
     def from_config(cls, train_cfg: ml_collections.ConfigDict) -> GuardSettings:
@@ -45,13 +45,14 @@ class GuardSettings:
 
 
 def initial_state(settings: GuardSettings) -> dict[str, jax.Array]:
-    """healthy: healthy steps seen; bad_in_a_row: consecutive skipped steps (spikes_in_a_row: those of
-    them that spiked); taken: lasting spikes taken as the new level; the windows are rings."""
+    """healthy: healthy steps seen; bad_in_a_row: consecutive skipped steps (grad_spikes_in_a_row: the
+    gradient-norm spikes among them); taken: lasting gradient-norm spikes taken as the new level; the
+    windows are rings."""
     # distinct arrays: the state is donated to the step, and one buffer cannot be donated twice
     window = lambda: jnp.zeros((settings.window,), jnp.float32)
     counter = lambda: jnp.zeros((), jnp.int32)
     return {"losses": window(), "grad_norms": window(), "healthy": counter(), "bad_in_a_row": counter(),
-            "spikes_in_a_row": counter(), "skipped": counter(), "taken": counter()}
+            "grad_spikes_in_a_row": counter(), "skipped": counter(), "taken": counter()}
 
 
 def _spikes(window: jax.Array, value: jax.Array, count: jax.Array, settings: GuardSettings) -> jax.Array:
@@ -73,8 +74,8 @@ def assess(guard: dict, loss: jax.Array, grad_norm: jax.Array, new_param_norm: j
     count = guard["healthy"]
     loss_spike = _spikes(guard["losses"], loss, count, settings)
     grad_spike = _spikes(guard["grad_norms"], grad_norm, count, settings)
-    spiking = finite & (loss_spike | grad_spike)
-    lasting = spiking & (settings.patience > 0) & (guard["spikes_in_a_row"] >= settings.patience)
+    grad_only = finite & grad_spike & ~loss_spike
+    lasting = grad_only & (settings.patience > 0) & (guard["grad_spikes_in_a_row"] >= settings.patience)
     reason = jnp.select([~finite, loss_spike & ~lasting, grad_spike & ~lasting],
                         [NOT_FINITE, LOSS_SPIKE, GRAD_SPIKE], HEALTHY).astype(jnp.int32)
     healthy = reason == HEALTHY
@@ -84,7 +85,8 @@ def assess(guard: dict, loss: jax.Array, grad_norm: jax.Array, new_param_norm: j
         "grad_norms": jnp.where(healthy, guard["grad_norms"].at[slot].set(grad_norm), guard["grad_norms"]),
         "healthy": count + healthy.astype(jnp.int32),
         "bad_in_a_row": jnp.where(healthy, 0, guard["bad_in_a_row"] + 1).astype(jnp.int32),
-        "spikes_in_a_row": jnp.where(spiking & ~lasting, guard["spikes_in_a_row"] + 1, 0).astype(jnp.int32),
+        "grad_spikes_in_a_row": jnp.where(grad_only & ~lasting, guard["grad_spikes_in_a_row"] + 1,
+                                          0).astype(jnp.int32),
         "skipped": guard["skipped"] + (~healthy).astype(jnp.int32),
         "taken": guard["taken"] + lasting.astype(jnp.int32),
     }
@@ -93,4 +95,4 @@ def assess(guard: dict, loss: jax.Array, grad_norm: jax.Array, new_param_norm: j
 
 def guard_metrics(reason: jax.Array, guard: dict) -> dict[str, jax.Array]:
     return {"guard/skip_reason": reason, "guard/skipped": guard["skipped"],
-            "guard/bad_in_a_row": guard["bad_in_a_row"], "guard/lasting_spikes_taken": guard["taken"]}
+            "guard/bad_in_a_row": guard["bad_in_a_row"], "guard/grad_levels_taken": guard["taken"]}

@@ -278,7 +278,7 @@ class Training:
             self.frozen = run.load_frozen()  # e.g. DPO's reference, read once
             self.state = initial_state(run, checkpointer, data, self.frozen)
         self.step = int(self.state["step"])
-        self.lasting_spikes_taken = self.guard_count("taken")  # as of the last log interval
+        self.grad_levels_taken = self.guard_count("taken")  # as of the last log interval
         self.rewinds = 0
         self.compiled_shapes: set = set()
         if jax.process_index() == 0:
@@ -355,12 +355,12 @@ class Training:
         skipped = describe_skips(records)
         if skipped and jax.process_index() == 0:
             log.warning("guard skipped %d update(s): %s", len(skipped), "; ".join(skipped[:5]))
-        taken = int(records[-1][1].get("guard/lasting_spikes_taken", 0))
-        if taken > self.lasting_spikes_taken and jax.process_index() == 0:
-            log.warning("guard: a spike outlasted train.spike_patience=%d skipped steps, so an update already "
-                        "applied caused it; taken as the new level (%d so far, last by step %d)",
+        taken = int(records[-1][1].get("guard/grad_levels_taken", 0))
+        if taken > self.grad_levels_taken and jax.process_index() == 0:
+            log.warning("guard: a gradient-norm spike with a normal loss outlasted train.spike_patience=%d "
+                        "skipped steps: taken as the new gradient-norm level (%d so far, last by step %d)",
                         t.spike_patience, taken, records[-1][0])
-        self.lasting_spikes_taken = taken
+        self.grad_levels_taken = taken
         bad_in_a_row = int(records[-1][1].get("guard/bad_in_a_row", 0))
         if bad_in_a_row >= t.max_bad_steps:
             raise TrainingDiverged(
@@ -398,7 +398,7 @@ class Training:
         self.goodput.add("rewound", discarded * self.metrics.step_seconds)
         self.rewinds += 1
         self.step = int(self.state["step"])
-        self.lasting_spikes_taken = self.guard_count("taken")
+        self.grad_levels_taken = self.guard_count("taken")
         self.metrics.restart_at(self.step)
         log.warning("rewind %d of at most %d: %d steps in a row were skipped; back to step %d, skipping "
                     "the %d batches after it (global rows %d to %d)", self.rewinds, t.max_rewinds,
