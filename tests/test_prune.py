@@ -113,6 +113,39 @@ def test_depth_up_scaling_leaves_the_logits_unchanged(calibrated):
     np.testing.assert_array_equal(logits_of(grown_cfg, grown, batch), logits_of(cfg, params, batch))
 
 
+# Larger widths per family: query heads in more KV groups and more per group, neurons, SSM heads.
+WIDER = {
+    "dense": dict(mlp_dim=192, num_heads=12, num_kv_heads=4),
+    "moe": dict(num_heads=16, num_kv_heads=8),
+    "hybrid": dict(mlp_dim=160, num_heads=12, num_kv_heads=6, ssm_num_heads=6),
+}
+
+
+@pytest.mark.parametrize("name", ["dense", pytest.param("moe", marks=pytest.mark.slow),
+                                  pytest.param("hybrid", marks=pytest.mark.slow)])
+def test_width_growth_leaves_the_logits_unchanged(name):
+    cfg = family_config(name).model
+    params = perturbed_params(cfg)
+    batch = random_batch(np.random.default_rng(0), 4, 16, cfg.vocab_size)
+    wide, wide_cfg = prune.grow_width(params, cfg, WIDER[name], seed=1)
+    for key, value in WIDER[name].items():
+        assert wide_cfg[key] == value
+    attn = ("layer_1", "mixer") if name == "hybrid" else ("attn",)
+    group, new_group = cfg.num_heads // cfg.num_kv_heads, wide_cfg.num_heads // wide_cfg.num_kv_heads
+    old = np.arange(cfg.num_heads) // group * new_group + np.arange(cfg.num_heads) % group
+    new = np.setdiff1d(np.arange(wide_cfg.num_heads), old)
+    q, o = node(wide, attn)["q_proj"], node(wide, attn)["o_proj"]
+    np.testing.assert_array_equal(q[:, :, old], node(params, attn)["q_proj"])  # each head stays in its group
+    assert q[:, :, new].std() > 0 and not o[:, new].any()  # new heads read, but write nothing
+    if name == "hybrid":  # new SSM heads must not feed the B, C, dt that the old heads read
+        mixer = node(wide, ("layer_0", "mixer"))
+        assert not mixer["bcdt_proj"][:, 4:].any() and not mixer["out_proj"][:, 4:].any()
+        np.testing.assert_array_equal(mixer["in_proj"][:, :, :4],
+                                      node(params, ("layer_0", "mixer"))["in_proj"])
+    np.testing.assert_allclose(logits_of(wide_cfg, wide, batch), logits_of(cfg, params, batch),
+                               atol=1e-5, rtol=0)
+
+
 # Smaller targets per family: every prunable dimension at once.
 TARGETS = {
     "dense": dict(d_model=48, num_heads=4, num_kv_heads=2, mlp_dim=64, num_layers=1),
@@ -267,6 +300,14 @@ def test_tool_grows_a_checkpoint_that_trains(dense_checkpoint, tmp_path):
     # the copies' zeroed output projections are what training moves first
     assert np.abs(grads["blocks"]["attn"]["o_proj"][1]).max() > 0
 
+    wide = tmp_path / "wide"
+    assert cli.call(prune_tool.main, [str(dense_checkpoint), str(wide), "--grow-width", "--mlp-dim", "256",
+                                      "--num-heads", "16", "--num-kv-heads", "8", "--seed", "3"]) == 0
+    params, config = ckpt.load_params(wide)
+    assert (config.model.mlp_dim, config.model.num_heads, config.model.num_kv_heads) == (256, 16, 8)
+    np.testing.assert_allclose(logits_of(config.model, params, batch),
+                               logits_of(original_config.model, original, batch), atol=1e-5, rtol=0)
+
 
 BAD_INPUTS = {
     "a checkpoint that does not exist": (
@@ -281,6 +322,10 @@ BAD_INPUTS = {
     "a width the family does not have": (["{ckpt}", "{out}", "--num-experts", "2"], "--num-experts 2"),
     "a depth growth of no layers": (["{ckpt}", "{out}", "--grow-layers", "0"], "--grow-layers 0"),
     "growth with a target": (["{ckpt}", "{out}", "--grow-layers", "2", "--d-model", "32"], "--grow-layers"),
+    "width growth of d_model": (["{ckpt}", "{out}", "--grow-width", "--d-model", "128"], "--d-model 128"),
+    "width growth to a smaller width": (
+        ["{ckpt}", "{out}", "--grow-width", "--mlp-dim", "64"], "--mlp-dim 64"),
+    "width growth without sizes": (["{ckpt}", "{out}", "--grow-width"], "--grow-width"),
     "no calibration batch": (["{ckpt}", "{out}", "--d-model", "32", "--batches", "0"], "--batches 0"),
     "a calibration corpus that does not exist": (
         ["{ckpt}", "{out}", "--d-model", "32", "--calibration", "/nonexistent/corpus.jsonl"],

@@ -6,6 +6,7 @@
     python tools/prune.py SRC DST --num-experts 4 --calibration corpus.jsonl  # MoE: by router load
     python tools/prune.py SRC DST --ssm-num-heads 2                          # hybrid: SSM heads
     python tools/prune.py SRC DST --grow-layers 2               # depth up-scaling, same logits
+    python tools/prune.py SRC DST --grow-width --mlp-dim 768 --num-heads 8 --num-kv-heads 4  # same logits
 
 Importance comes from activations over --batches batches of the calibration corpus (data.source
 syntax: `builtin`, JSONL / Parquet / text files, token-shard directories), read with the checkpoint's
@@ -13,6 +14,11 @@ tokenizer (see plamo_jax/convert/prune.py for the scores and how GQA groups are 
 parameters-only checkpoint with the smaller (or grown) model config, trained from with
 checkpoint.init_params and the new shapes, exported like any other; DST/pruning.npz holds every
 score and kept index (`score/<scope>/<axis>`, `keep/<scope>/<axis>`), DST/pruning.json a summary.
+
+Growth keeps the function: --grow-layers adds copies of blocks whose residual output projections are
+zero; --grow-width takes the target flags as larger sizes (MLP neurons, heads in whole KV groups, SSM
+heads), the old weights at their old positions, new entries freshly initialised (--seed) but zero where
+they would reach the old outputs.
 """
 
 from __future__ import annotations
@@ -68,8 +74,7 @@ def shape_of(model: ml_collections.ConfigDict, keys) -> dict:
 
 
 def prune_checkpoint(args, config, params) -> tuple[dict, ml_collections.ConfigDict, dict]:
-    target = {key: getattr(args, flag) for flag, key in TARGET_FLAGS.items()
-              if getattr(args, flag) is not None}
+    target = target_of(args)
     if not target:
         raise ConfigError("no target shape; expected at least one of "
                           + ", ".join("--" + flag.replace("_", "-") for flag in TARGET_FLAGS)
@@ -91,6 +96,19 @@ def prune_checkpoint(args, config, params) -> tuple[dict, ml_collections.ConfigD
     return small_params, small_model, {"summary": summary, "arrays": prune.record_arrays(scores, keep)}
 
 
+def target_of(args) -> dict[str, int]:
+    return {key: getattr(args, flag) for flag, key in TARGET_FLAGS.items() if getattr(args, flag) is not None}
+
+
+def grow_checkpoint(args, config, params) -> tuple[dict, ml_collections.ConfigDict, dict]:
+    if args.grow_layers is not None:
+        new_params, new_model, sources = prune.grow_params(params, config.model, args.grow_layers)
+        return new_params, new_model, {"mode": "grow_layers", "grow_layers": args.grow_layers,
+                                       "block_sources": sources}
+    new_params, new_model = prune.grow_width(params, config.model, target_of(args), seed=args.seed)
+    return new_params, new_model, {"mode": "grow_width", "target": target_of(args), "seed": args.seed}
+
+
 def main(argv: list[str]) -> int:
     parser = cli.ArgumentParser(__doc__)
     parser.add_argument("src", help="checkpoint to prune or grow (an Orbax root or one step's directory)")
@@ -106,26 +124,29 @@ def main(argv: list[str]) -> int:
                                                                    "the checkpoint's train.seq_len)")
     parser.add_argument("--random-indices", action="store_true",
                         help="keep random indices of the same shape (the baseline for importance ranking)")
-    parser.add_argument("--seed", type=int, default=0, help="--random-indices: the seed")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="--random-indices: the seed; --grow-width: the new entries' initialisation")
     parser.add_argument("--grow-layers", type=int, default=None,
                         help="depth up-scaling instead: add this many layers, copies of their neighbours "
                              "with zeroed residual outputs (the logits are unchanged)")
+    parser.add_argument("--grow-width", action="store_true",
+                        help="width growth instead: the target flags are larger sizes (same logits)")
     args = parser.parse_args(argv)
     if args.batches < 1 or args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 2):
         parser.error(f"--batches {args.batches} --batch-size {args.batch_size} --seq-len {args.seq_len}: "
                      "expected at least 1 batch of 1 row of 2 tokens")
-    if args.grow_layers is not None and any(getattr(args, flag) is not None for flag in TARGET_FLAGS):
-        parser.error("--grow-layers grows the model; it takes no target shape flags")
+    if args.grow_layers is not None and (args.grow_width or target_of(args)):
+        parser.error("--grow-layers grows the depth; it takes no --grow-width or target shape flags")
+    if args.grow_width and not target_of(args):
+        parser.error("--grow-width needs the larger sizes, e.g. --mlp-dim or --num-heads")
     require_empty(args.dst, "dst")
 
     start = time.time()
     params, config = ckpt.load_params(args.src, step=args.step)
     dst = Path(args.dst).absolute()
-    if args.grow_layers is not None:
-        new_params, new_model, sources = prune.grow_params(params, config.model, args.grow_layers)
-        record = {"summary": {"mode": "grow", "grow_layers": args.grow_layers, "block_sources": sources},
-                  "arrays": None}
-        suffix = f"grown_{new_model.num_layers}l"
+    if args.grow_layers is not None or args.grow_width:
+        new_params, new_model, summary = grow_checkpoint(args, config, params)
+        record, suffix = {"summary": summary, "arrays": None}, "grown"
     else:
         new_params, new_model, record = prune_checkpoint(args, config, params)
         suffix = "pruned"

@@ -1,9 +1,10 @@
-"""Structured pruning (Minitron) and depth up-scaling of a checkpoint, for every family.
+"""Structured pruning (Minitron) and function-preserving growth of a checkpoint, for every family.
 
     scores = calibrate(model_cfg, params, batches)                  # importance from activations
     keep = choose_indices(model_cfg, scores, target)              # or random_scores(...) for a baseline
     small_params, small_cfg = prune_params(params, model_cfg, keep, target)
-    grown_params, grown_cfg, sources = grow_params(params, model_cfg, new_layers)
+    grown_params, grown_cfg, sources = grow_params(params, model_cfg, new_layers)   # depth, same logits
+    wide_params, wide_cfg = grow_width(params, model_cfg, {"mlp_dim": 768})           # width, same logits
 
 Importance (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge
 Distillation"), summed over calibration tokens (padding excluded):
@@ -41,7 +42,7 @@ from flax import nnx
 from plamo_jax.errors import ConfigError
 from plamo_jax.models import registry
 from plamo_jax.models.attention import attention_mask, dot_product_attention
-from plamo_jax.models.decoder import UNSHARDED
+from plamo_jax.models.decoder import UNSHARDED, Decoder
 from plamo_jax.models.dense import DenseBlock
 from plamo_jax.models.family import FamilySpec
 from plamo_jax.models.fp8 import projection
@@ -71,11 +72,15 @@ class PruneLayout:
     axis_overrides: parameter path suffix -> its logical axes (without "layers") where the model's
         tags say something else: a router's expert axis is tagged None (it is not sharded), the norms
         inside a Mamba mixer are tagged "norm" like the residual norms but are not d_model wide.
+    mixes: parameter path suffixes, beyond the projections into the residual stream, that sum a width's
+        entries into something every entry reads (the Mamba bcdt_proj makes B, C and dt from all
+        heads); width growth zeroes them at the new entries so that the old ones compute what they did.
     """
 
     widths: Mapping[str, str]
     probe: Probe
     axis_overrides: Mapping[tuple[str, ...], tuple[str | None, ...]] = dataclasses.field(default_factory=dict)
+    mixes: tuple[tuple[str, ...], ...] = ()
 
 
 # ----------------------------------------------------------------------------------- probes
@@ -176,7 +181,8 @@ LAYOUTS: dict[type, PruneLayout] = {
     HybridGroup: PruneLayout(
         widths={**ATTENTION_WIDTHS, "mlp": "mlp_dim", "ssm_heads": "ssm_num_heads"},
         probe=probe_hybrid_group,
-        axis_overrides={(norm, "scale"): (None,) for norm in ("dt_norm", "B_norm", "C_norm")}),
+        axis_overrides={(norm, "scale"): (None,) for norm in ("dt_norm", "B_norm", "C_norm")},
+        mixes=(("mixer", "bcdt_proj"),)),
 }
 
 
@@ -484,6 +490,78 @@ def grow_params(params: Mapping, model_cfg: ml_collections.ConfigDict, new_layer
     new_cfg = resized_config(model_cfg, {}, sources)
     check_shapes(flat, new_cfg)
     return nested(flat), new_cfg, sources
+
+
+# ----------------------------------------------------------------------------------- width growth
+
+# Widths that can grow with the function kept: new neurons and heads read the residual stream but write
+# nothing into it. Not d_model (every RMSNorm's mean over it would change) nor experts (the router would
+# send tokens to them).
+GROWABLE_AXES = ("heads", "kv_heads", "mlp", "ssm_heads")
+
+
+def check_growth(model_cfg: ml_collections.ConfigDict, target: Mapping[str, int]) -> dict[str, str]:
+    """{growing axis: its config key}; ConfigError naming a flag that cannot grow or does not."""
+    widths = layout_of(registry.get_family(model_cfg)).widths
+    growable = {key: axis for axis, key in widths.items() if axis in GROWABLE_AXES}
+    for key, value in target.items():
+        flag = "--" + key.replace("_", "-")
+        if key not in growable:
+            flags = ", ".join("--" + k.replace("_", "-") for k in growable)
+            raise ConfigError(f"{flag} {value}: width growth keeps model.{key}; expected only {flags} "
+                              "(depth: --grow-layers)")
+        if value < model_cfg[key]:
+            raise ConfigError(f"{flag} {value}: expected at least the model's model.{key}={model_cfg[key]}")
+    if all(value == model_cfg[key] for key, value in target.items()):
+        raise ConfigError(f"target {dict(target)} is the model's own shape; expected a larger width")
+    heads = target.get("num_heads", model_cfg.num_heads)
+    kv_heads = target.get("num_kv_heads", model_cfg.num_kv_heads)
+    group = model_cfg.num_heads // model_cfg.num_kv_heads
+    if heads % kv_heads or heads // kv_heads < group:
+        raise ConfigError(f"--num-heads {heads} --num-kv-heads {kv_heads}: expected the query heads to split "
+                          f"evenly into the KV groups, at least the model's {group} per group")
+    return {growable[key]: key for key in target}
+
+
+def old_positions(axis: str, model_cfg: ml_collections.ConfigDict, new_cfg: ml_collections.ConfigDict):
+    """Where the old entries of a growing axis go: first in their axis, or, for query heads, first in
+    their KV group (query head h reads KV head h // group before and after)."""
+    if axis != "heads":
+        key = layout_of(registry.get_family(model_cfg)).widths[axis]
+        return np.arange(model_cfg[key])
+    group = model_cfg.num_heads // model_cfg.num_kv_heads
+    new_group = new_cfg.num_heads // new_cfg.num_kv_heads
+    heads = np.arange(model_cfg.num_heads)
+    return heads // group * new_group + heads % group
+
+
+def grow_width(params: Mapping, model_cfg: ml_collections.ConfigDict, target: Mapping[str, int],
+               seed: int = 0) -> tuple[dict, ml_collections.ConfigDict]:
+    """Width growth with the same logits: the old weights at their old positions, new entries freshly
+    initialised (the model's own initialisers, `seed`), except where they would reach the old outputs:
+    projections into the residual stream and the layout's `mixes` are zero at the new entries."""
+    growing = check_growth(model_cfg, target)
+    family = registry.get_family(model_cfg)
+    new_cfg = resized_config(model_cfg, target, list(range(family.num_blocks(model_cfg))))
+    layout = layout_of(family)
+    positions = {axis: old_positions(axis, model_cfg, new_cfg) for axis in growing}
+    fresh = flat_leaves(jax.device_get(nnx.to_pure_dict(nnx.state(Decoder(new_cfg, rngs=nnx.Rngs(seed)),
+                                                                    nnx.Param))))
+    axes = parameter_axes(model_cfg)
+    flat = {}
+    for path, value in flat_leaves(params).items():
+        out = np.array(fresh[path], dtype=np.asarray(value).dtype)
+        where = [positions.get(axis, np.arange(size))
+                 for axis, size in zip(axes[path], np.shape(value), strict=True)]
+        out[np.ix_(*where)] = value
+        reads_new = writes_residual(axes[path]) or any(path[-len(s):] == s for s in layout.mixes)
+        for dim, axis in enumerate(axes[path]):
+            if reads_new and axis in positions:
+                new_entries = np.setdiff1d(np.arange(out.shape[dim]), positions[axis])
+                out[(slice(None),) * dim + (new_entries,)] = 0
+        flat[path] = out
+    check_shapes(flat, new_cfg)
+    return nested(flat), new_cfg
 
 
 # ----------------------------------------------------------------------------------- the saved record
