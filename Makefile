@@ -1,19 +1,33 @@
 # Two entry points: `make train` (set up + train the tiny default model) and `make test`.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# Two tested stacks: Python 3.11 with constraints.txt (the default: the one where PyPI has a CPU torch,
+# so every parity test runs) and Python 3.12 with constraints-py312.txt (the newest jax and flax), e.g.
+# `make test PYTHON=python3.12`. Each stack has its own venv.
+PYTHON ?= $(shell .ci/find-python 3.11 || .ci/find-python 3.12 || command -v python3)
+PY_TAG := $(shell $(PYTHON) -c 'import sys; print("py%d%d" % sys.version_info[:2])')
+ifeq ($(PY_TAG),py311)
 VENV ?= .venv
+CONSTRAINTS ?= constraints.txt
+# torch first, pinned: a bare `transformers` install would otherwise pull a multi-GB CUDA build.
+TORCH_FIRST := torch==2.13.0
+else
+VENV ?= .venv-$(PY_TAG)
+CONSTRAINTS ?= constraints-$(PY_TAG).txt
+TORCH_FIRST :=
+endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CONSTRAINT_FLAG := $(if $(wildcard $(CONSTRAINTS)),-c $(CONSTRAINTS),)
 
 .PHONY: setup train test test-slow test-seqio lint bench clean
 
 setup: $(STAMP)
 
-# torch first, pinned: a bare `transformers` install would otherwise pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
+	@test -n "$(CONSTRAINT_FLAG)" || echo "note: no $(CONSTRAINTS) for $(PY_TAG): installing untested newest releases"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,hf,lm_eval,datasets]"
+	$(if $(TORCH_FIRST),$(PY) -m pip install --quiet $(CONSTRAINT_FLAG) $(TORCH_FIRST))
+	$(PY) -m pip install --quiet $(CONSTRAINT_FLAG) -e ".[test,hf,lm_eval,datasets]"
 	touch $(STAMP)
 
 train: setup
@@ -23,7 +37,7 @@ test: setup
 	$(PY) -m pytest -q -n 2  # two workers: the tests are mostly single-threaded XLA programs
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 -m slow
 
 # The optional seqio source (seqio + TensorFlow, ~2.4 GB) in a venv of its own.
 test-seqio:

@@ -155,6 +155,7 @@ def test_dpo_config_errors_name_the_key(tmp_path):
         DPO.make_iterator(config.data, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=0)
 
 
+@pytest.mark.slow  # minutes of training; the default suite keeps the faster checks of the same code
 def test_dpo_recipe_prefers_the_chosen_answers_and_resumes_exactly(tmp_path):
     """SFT a tiny model briefly, then configs/dpo_tiny.py from it: the first loss is log 2, the reward
     margin turns positive and most pairs are ranked right; 30 + 30 steps equal 60 straight."""

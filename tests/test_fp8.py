@@ -141,6 +141,7 @@ def test_fp8_covers_every_weight_projection_and_nothing_else(family, monkeypatch
     assert 1e-4 < distance < 0.3
 
 
+@pytest.mark.slow  # minutes of training; the default suite keeps the faster checks of the same code
 def test_training_in_fp8_tracks_fp32(tmp_path):
     """The tiny recipe for 120 steps with and without FP8 on the same batches: the last 20 steps' mean
     losses within 8% (300 steps measured here: 1.584 vs 1.517 nats, 4.4%)."""

@@ -192,6 +192,7 @@ def test_chat_and_text_corpora_mix_in_one_run():
             assert batch["loss_mask"][row][real].sum() == real.sum() - starts
 
 
+@pytest.mark.slow  # minutes of training; the default suite keeps the faster checks of the same code
 def test_sft_recipe_learns_the_assistant_answers(tmp_path):
     """configs/sft_tiny.py through the ordinary launcher (from scratch here): the loss on assistant tokens
     ends far below their unigram entropy."""
