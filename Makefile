@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(if $(TORCH_FIRST),$(PY) -m pip install --quiet $(CONSTRAINT_FLAG) $(TORCH_FIRST))
-	$(PY) -m pip install --quiet $(CONSTRAINT_FLAG) -e ".[test,hf,lm_eval,datasets]"
+	$(PY) -m pip install --quiet $(CONSTRAINT_FLAG) -e ".[test,hf,lm_eval,datasets,tpu]"
 	touch $(STAMP)
 
 train: setup
