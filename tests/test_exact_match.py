@@ -77,8 +77,8 @@ def test_the_evaluate_tool_reports_exact_match_on_a_sharded_model(model, tmp_pat
     spec.loader.exec_module(tool)
     prompts = tmp_path / "qa.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "answer": "-"}) + "\n" for p in PROMPTS))
-    arguments = ["--checkpoint", str(checkpoint), "--generation", str(prompts), "--max-new-tokens", str(MAX_NEW),
-                 "--mesh", "tensor=2", "--batch-size", "4"]
+    arguments = ["--checkpoint", str(checkpoint), "--generation", str(prompts),
+                 "--max-new-tokens", str(MAX_NEW), "--mesh", "tensor=2", "--batch-size", "4"]
     assert cli.call(tool.main, arguments) == 0
     [report] = json.loads(capsys.readouterr().out)["generation"]
     assert report["examples"] == len(PROMPTS) and report["exact_match"] == 0.0

@@ -10,14 +10,11 @@ two-way-choice set with only the right answer (its prompts end where the assista
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from plamo_jax.data.tokenizer import Tokenizer, encode_to_array
-from plamo_jax.errors import DataError
 from plamo_jax.evaluate.generate import Generator
+from plamo_jax.evaluate.jsonl_examples import read_jsonl_examples
 from plamo_jax.evaluate.multiple_choice import builtin_choice_examples
 
 BUILTIN_GENERATION = "builtin_generation"
@@ -42,26 +39,8 @@ def read_examples(source: str) -> list[dict]:
     if source == BUILTIN_GENERATION:
         return [{"prompt": e["context"], "answer": e["choices"][e["answer"]]}
                 for e in builtin_choice_examples()]
-    path = Path(source)
-    if not path.is_file():
-        raise DataError(f"generation file {source!r} does not exist; expected a JSONL file")
-    examples = []
-    with open(path, "rb") as f:
-        for line_number, raw_line in enumerate(f, start=1):
-            if not raw_line.strip():
-                continue
-            try:
-                record = json.loads(raw_line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise DataError(f"{path}:{line_number}: not a JSON record: {error}") from None
-            problem = check_example(record)
-            if problem is not None:
-                raise DataError(f'{path}:{line_number}: {problem}; expected {{"prompt": str, "answer": str, '
-                                '"stop": [str, ...] (optional)}')
-            examples.append(record)
-    if not examples:
-        raise DataError(f"{path} holds no examples")
-    return examples
+    return read_jsonl_examples(source, "generation", check_example,
+                               '{"prompt": str, "answer": str, "stop": [str, ...] (optional)}')
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:

@@ -9,9 +9,6 @@ sequence keeps its end.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -20,6 +17,7 @@ from plamo_jax.data import batch as batch_layout
 from plamo_jax.data.packing import row_arrays
 from plamo_jax.data.tokenizer import Tokenizer, encode_to_array
 from plamo_jax.errors import DataError
+from plamo_jax.evaluate.jsonl_examples import read_jsonl_examples
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.posttrain.sft import CHAT_TEMPLATES, builtin_turns
 from plamo_jax.train import state as state_lib
@@ -50,26 +48,8 @@ def read_examples(source: str) -> list[dict]:
     """Examples of a JSONL file (every record must be valid: a benchmark must not shrink silently)."""
     if source == BUILTIN_CHOICE:
         return builtin_choice_examples()
-    path = Path(source)
-    if not path.is_file():
-        raise DataError(f"multiple-choice file {source!r} does not exist; expected a JSONL file")
-    examples = []
-    with open(path, "rb") as f:
-        for line_number, raw_line in enumerate(f, start=1):
-            if not raw_line.strip():
-                continue
-            try:
-                record = json.loads(raw_line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise DataError(f"{path}:{line_number}: not a JSON record: {error}") from None
-            problem = check_example(record)
-            if problem is not None:
-                raise DataError(f"{path}:{line_number}: {problem}; expected "
-                                '{"context": str, "choices": [str, ...], "answer": int}')
-            examples.append(record)
-    if not examples:
-        raise DataError(f"{path} holds no examples")
-    return examples
+    return read_jsonl_examples(source, "multiple-choice", check_example,
+                               '{"context": str, "choices": [str, ...], "answer": int}')
 
 
 def choice_row(context: np.ndarray, choice: np.ndarray, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:

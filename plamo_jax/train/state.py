@@ -16,7 +16,8 @@ from plamo_jax.models.decoder import Decoder
 from plamo_jax.parallel import rules as rules_lib
 from plamo_jax.train import guards
 
-DEFAULT_GUARD = guards.GuardSettings(spike_sigma=6.0, window=128, warmup=20, patience=4)  # train.spike_* defaults
+# the train.spike_* defaults
+DEFAULT_GUARD = guards.GuardSettings(spike_sigma=6.0, window=128, warmup=20, patience=4)
 
 BATCH_LOGICAL_AXES = ("act_batch", "act_length")
 
