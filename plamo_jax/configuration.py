@@ -15,6 +15,8 @@ from plamo_jax.data.config import data_defaults
 from plamo_jax.errors import ConfigError
 from plamo_jax.models import registry
 from plamo_jax.models.decoder import REMAT_POLICIES
+from plamo_jax.parallel import context
+from plamo_jax.parallel.context import STRATEGIES as CONTEXT_STRATEGIES
 from plamo_jax.parallel.mesh import resolve_axis_sizes
 from plamo_jax.parallel.rules import DEFAULT_RULES, merge_rules
 from plamo_jax.train.optimizer import SCHEDULES, WSD_DECAY_SHAPES
@@ -46,6 +48,12 @@ def _model_defaults() -> ml_collections.ConfigDict:
     # softmax with a hand-written backward, memory linear in the sequence (models/flash_attention.py).
     m.attention_impl = "dense"
     m.attention_block = 512  # flash: query / key block length
+    # Context parallelism: how attention works when mesh.sequence > 1 (parallel/context.py). none: the
+    # sequence is gathered for attention (heads stay sharded); all_gather: keys/values gathered, queries
+    # stay sharded; ring: key/value blocks rotate with ppermute, nothing gathered.
+    m.context_parallel = "all_gather"
+    # Lay each training batch out so that every sequence shard does the same causal attention work.
+    m.context_load_balance = True
     m.scan_unroll = 1  # layers per scan iteration; 1 keeps compile time flat in depth
     # hybrid (PLaMo 2 / Samba)
     m.mamba_step = 2
@@ -240,6 +248,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
              f"one of {ATTENTION_IMPLS}")
     _require(m.attention_block > 0, "model.attention_block", m.attention_block, "a positive block length")
+    _require(m.context_parallel in CONTEXT_STRATEGIES, "model.context_parallel", m.context_parallel,
+             f"one of {CONTEXT_STRATEGIES}")
     _require(t.microbatches >= 1, "train.microbatches", t.microbatches, "an integer >= 1")
     _require(
         t.global_batch_size % t.microbatches == 0,
@@ -256,11 +266,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"a microbatch ({microbatch} sequences) divisible by data x fsdp x expert = {batch_shards}",
     )
     _require(t.seq_len > 0, "train.seq_len", t.seq_len, "a positive length")
+    sequence_chunks = size["sequence"] * (2 if context.load_balanced(m, size["sequence"]) else 1)
     _require(
-        t.seq_len % size["sequence"] == 0,
+        t.seq_len % sequence_chunks == 0,
         "train.seq_len",
         t.seq_len,
-        f"divisible by the sequence-parallel mesh size {size['sequence']}",
+        f"divisible by {sequence_chunks} (mesh.sequence={size['sequence']}"
+        + (", x 2 chunks per shard for model.context_load_balance)"
+           if sequence_chunks > size["sequence"] else ")"),
     )
     _require(t.steps > 0, "train.steps", t.steps, "a positive number of steps")
     _require(t.log_every > 0, "train.log_every", t.log_every, "a positive number of steps")

@@ -11,19 +11,24 @@ from plamo_jax.errors import ConfigError
 from plamo_jax.models.flash_attention import flash_attention_with_max_logit
 from plamo_jax.models.fp8 import projection
 from plamo_jax.models.layers import RMSNorm, apply_rope, compute_dtype, normal, output_init_std, param
+from plamo_jax.parallel import context
 from plamo_jax.parallel.rules import constrain
 
 QK_NORM_KINDS = ("none", "shared", "per_head")
 
 
-def attention_mask(segment_ids_BL: jax.Array, window: int | jax.Array = 0) -> jax.Array:
+def attention_mask(segment_ids_BL: jax.Array, window: int | jax.Array = 0,
+                   tokens_L: jax.Array | None = None) -> jax.Array:
     """[B, 1, L, L] boolean mask: causal, same document, and within `window` tokens when window > 0.
 
     `window` may be a traced scalar (layers of a scanned stack can differ); 0 means unlimited.
+    tokens_L: each position's token index in the row when the layout permutes them (context
+    parallelism's load balancing); by default the positions in order.
     """
     length = segment_ids_BL.shape[1]
-    query = jnp.arange(length)[:, None]
-    key = jnp.arange(length)[None, :]
+    tokens = jnp.arange(length) if tokens_L is None else jnp.asarray(tokens_L)
+    query = tokens[:, None]
+    key = tokens[None, :]
     allowed = key <= query
     window = jnp.asarray(window)
     allowed = allowed & ((window <= 0) | (query - key < window))
@@ -80,6 +85,7 @@ class Attention(nnx.Module):
         fp8: bool = False,
         impl: str = "dense",
         block: int = 512,
+        context_parallel: str = "none",
     ):
         if qk_norm not in QK_NORM_KINDS:
             raise ConfigError(f"qk_norm={qk_norm!r}: expected one of {QK_NORM_KINDS}")
@@ -91,6 +97,7 @@ class Attention(nnx.Module):
         self.dtype = dtype
         self.fp8 = fp8
         self.impl, self.block = impl, block
+        self.context_parallel = context_parallel
         self.q_proj = param(
             rngs, normal(init_std), (d_model, num_heads, head_dim), ("embed", "heads", "head_dim")
         )
@@ -121,7 +128,7 @@ class Attention(nnx.Module):
             head_dim=cfg.head_dim,
             rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, qk_norm=qk_norm, init_std=cfg.init_std,
             out_init_std=output_init_std(cfg), dtype=compute_dtype(cfg), rngs=rngs, fp8=cfg.fp8,
-            impl=cfg.attention_impl, block=cfg.attention_block,
+            impl=cfg.attention_impl, block=cfg.attention_block, context_parallel=cfg.context_parallel,
         )
 
     # --- cached decoding (dense and MoE families) ------------------------------------------------------
@@ -189,14 +196,21 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """(output, the largest attention logit: a health statistic blocks report as aux)."""
         q, k, v = self.project_qkv(x_BLD, positions_BL)
+        if self.context_parallel != "none" and context.sequence_shards() > 1:
+            # Context parallelism: queries, keys and values stay sharded along the sequence.
+            attended, max_logit = context.context_attention(q, k, v, segment_ids_BL, window,
+                                                            strategy=self.context_parallel, block=self.block)
+            return self.project_out(attended), max_logit
         # Sequence parallelism ends here: attention sees the whole sequence, heads stay sharded.
         q = constrain(q, ("act_batch", None, "act_heads", "act_head_dim"))
         k = constrain(k, ("act_batch", None, "act_kv_heads", "act_head_dim"))
         v = constrain(v, ("act_batch", None, "act_kv_heads", "act_head_dim"))
+        tokens = context.layout_tokens(x_BLD.shape[1])
         if self.impl == "flash":
-            attended, max_logit = flash_attention_with_max_logit(q, k, v, segment_ids_BL, window, self.block)
+            attended, max_logit = flash_attention_with_max_logit(q, k, v, segment_ids_BL, window, self.block,
+                                                                 tokens)
         else:
-            mask = attention_mask(segment_ids_BL, window)
+            mask = attention_mask(segment_ids_BL, window, tokens)
             attended, max_logit = dot_product_attention_with_max_logit(q, k, v, mask)
         attended = constrain(attended, ("act_batch", None, "act_heads", "act_head_dim"))
         return self.project_out(attended), max_logit

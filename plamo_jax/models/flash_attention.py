@@ -6,6 +6,10 @@ style) and recomputes each block's probabilities from the saved log-normaliser, 
 holds an [L, L] score matrix. Blocks that the causal mask (or the window) rules out entirely are
 skipped. Masking is the dense path's: causal by index, same segment id, and within `window` tokens
 when window > 0.
+
+`forward_blocks` / `backward_blocks` take the queries' and keys' token indices explicitly and may have
+different query and key lengths: context parallelism (parallel/context.py) calls them on a shard's
+queries against keys held elsewhere in the sequence.
 """
 
 from __future__ import annotations
@@ -27,35 +31,39 @@ def _pad_to_blocks(x: jax.Array, axis: int, block: int, value) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _block_mask(q_start, k_start, block: int, q_segments, k_segments, window) -> jax.Array:
-    """[B, block, block] allowed(query, key) for the blocks starting at q_start and k_start."""
-    query = q_start + jnp.arange(block)[:, None]
-    key = k_start + jnp.arange(block)[None, :]
+def _block_mask(q_tokens, k_tokens, q_segments, k_segments, window) -> jax.Array:
+    """[B, block, block] allowed(query, key) for query and key blocks at token indices q/k_tokens."""
+    query = q_tokens[:, None]
+    key = k_tokens[None, :]
     allowed = (key <= query) & ((window <= 0) | (query - key < window))
     return allowed[None] & (q_segments[:, :, None] == k_segments[:, None, :])
 
 
-def _block_is_live(q_start, k_start, block: int, window) -> jax.Array:
-    """Whether any (query, key) pair of the two blocks can pass the causal and window masks."""
-    causal = k_start <= q_start + block - 1
-    in_window = (window <= 0) | (q_start - (k_start + block - 1) < window)
+def _block_is_live(q_tokens, k_tokens, window) -> jax.Array:
+    """Whether any (query, key) pair of two blocks of consecutive token indices can pass the causal and
+    window masks."""
+    causal = jnp.min(k_tokens) <= jnp.max(q_tokens)
+    in_window = (window <= 0) | (jnp.min(q_tokens) - jnp.max(k_tokens) < window)
     return causal & in_window
 
 
-def _forward(q, k, v, q_segments, k_segments, window, block):
-    """q [B, K, G, L, D] (L a multiple of block), k/v [B, K, L, D] -> (out like q, lse [B, K, G, L],
-    the largest attended score of each query [B, K, G, L])."""
+def forward_blocks(q, k, v, q_segments, k_segments, q_tokens, k_tokens, window, block):
+    """q [B, K, G, Lq, D], k/v [B, K, Lk, D] (lengths multiples of block), token indices q_tokens [Lq],
+    k_tokens [Lk] -> (out like q, lse [B, K, G, Lq], the largest attended score of each query)."""
     batch, kv_heads, group, length, head_dim = q.shape
     scale = head_dim**-0.5
     num_blocks = length // block
+    num_key_blocks = k.shape[2] // block
 
     def one_query_block(q_index):
         q_start = q_index * block
         q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, block, axis=3)
         q_seg = jax.lax.dynamic_slice_in_dim(q_segments, q_start, block, axis=1)
+        q_tok = jax.lax.dynamic_slice_in_dim(q_tokens, q_start, block)
 
         def visit(carry, k_index):
             k_start = k_index * block
+            k_tok = jax.lax.dynamic_slice_in_dim(k_tokens, k_start, block)
 
             def update(carry):
                 running_max, normaliser, total = carry
@@ -63,7 +71,7 @@ def _forward(q, k, v, q_segments, k_segments, window, block):
                 v_blk = jax.lax.dynamic_slice_in_dim(v, k_start, block, axis=2)
                 k_seg = jax.lax.dynamic_slice_in_dim(k_segments, k_start, block, axis=1)
                 scores = jnp.einsum("bkgqd,bksd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32)
-                mask = _block_mask(q_start, k_start, block, q_seg, k_seg, window)[:, None, None]
+                mask = _block_mask(q_tok, k_tok, q_seg, k_seg, window)[:, None, None]
                 scores = jnp.where(mask, scores * scale, _NEG_INF)
                 new_max = jnp.maximum(running_max, scores.max(axis=-1))
                 safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
@@ -74,7 +82,7 @@ def _forward(q, k, v, q_segments, k_segments, window, block):
                                       preferred_element_type=jnp.float32)
                 return new_max, normaliser, total * rescale[..., None] + weighted
 
-            live = _block_is_live(q_start, k_start, block, window)
+            live = _block_is_live(q_tok, k_tok, window)
             return jax.lax.cond(live, update, lambda carry: carry, carry), None
 
         init = (
@@ -82,7 +90,7 @@ def _forward(q, k, v, q_segments, k_segments, window, block):
             jnp.zeros((batch, kv_heads, group, block), jnp.float32),
             jnp.zeros((batch, kv_heads, group, block, head_dim), jnp.float32),
         )
-        (running_max, normaliser, total), _ = jax.lax.scan(visit, init, jnp.arange(num_blocks))
+        (running_max, normaliser, total), _ = jax.lax.scan(visit, init, jnp.arange(num_key_blocks))
         empty = normaliser == 0  # padding queries see no key
         out = jnp.where(empty[..., None], 0.0, total / jnp.where(empty, 1.0, normaliser)[..., None])
         lse = jnp.where(empty, _NEG_INF, running_max + jnp.log(jnp.where(empty, 1.0, normaliser)))
@@ -92,17 +100,21 @@ def _forward(q, k, v, q_segments, k_segments, window, block):
     out = jnp.moveaxis(outs, 0, 3).reshape(batch, kv_heads, group, length, head_dim)
     lse = jnp.moveaxis(lses, 0, 3).reshape(batch, kv_heads, group, length)
     row_max = jnp.moveaxis(maxima, 0, 3).reshape(batch, kv_heads, group, length)
-    return out.astype(q.dtype), lse, row_max
+    return out, lse, row_max  # fp32: context parallelism merges partial outputs before the cast
 
 
-def _backward(q, k, v, q_segments, k_segments, window, block, out, lse, d_out):
+def backward_blocks(q, k, v, q_segments, k_segments, q_tokens, k_tokens, window, block, out, lse, d_out):
+    """fp32 (d_q, d_k, d_v) of `forward_blocks`'s queries against these keys, given the output and
+    log-normaliser of the queries' whole softmax (which may span keys beyond k: context parallelism)."""
     batch, kv_heads, group, length, head_dim = q.shape
     scale = head_dim**-0.5
     num_blocks = length // block
+    num_key_blocks = k.shape[2] // block
     delta = jnp.einsum("bkgqd,bkgqd->bkgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
     def one_key_block(d_q, k_index):
         k_start = k_index * block
+        k_tok = jax.lax.dynamic_slice_in_dim(k_tokens, k_start, block)
         k_blk = jax.lax.dynamic_slice_in_dim(k, k_start, block, axis=2)
         v_blk = jax.lax.dynamic_slice_in_dim(v, k_start, block, axis=2)
         k_seg = jax.lax.dynamic_slice_in_dim(k_segments, k_start, block, axis=1)
@@ -117,8 +129,9 @@ def _backward(q, k, v, q_segments, k_segments, window, block, out, lse, d_out):
                 do_blk = jax.lax.dynamic_slice_in_dim(d_out, q_start, block, axis=3)
                 lse_blk = jax.lax.dynamic_slice_in_dim(lse, q_start, block, axis=3)
                 delta_blk = jax.lax.dynamic_slice_in_dim(delta, q_start, block, axis=3)
+                q_tok = jax.lax.dynamic_slice_in_dim(q_tokens, q_start, block)
                 scores = jnp.einsum("bkgqd,bksd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32)
-                mask = _block_mask(q_start, k_start, block, q_seg, k_seg, window)[:, None, None]
+                mask = _block_mask(q_tok, k_tok, q_seg, k_seg, window)[:, None, None]
                 safe_lse = jnp.where(jnp.isfinite(lse_blk), lse_blk, 0.0)
                 probs = jnp.where(mask, jnp.exp(scores * scale - safe_lse[..., None]), 0.0)
                 d_v = d_v + jnp.einsum("bkgqs,bkgqd->bksd", probs, do_blk.astype(jnp.float32))
@@ -130,39 +143,44 @@ def _backward(q, k, v, q_segments, k_segments, window, block, out, lse, d_out):
                 d_q = jax.lax.dynamic_update_slice_in_dim(d_q, current + d_q_blk, q_start, axis=3)
                 return d_q, d_k, d_v
 
-            live = _block_is_live(q_start, k_start, block, window)
+            q_tok = jax.lax.dynamic_slice_in_dim(q_tokens, q_start, block)
+            live = _block_is_live(q_tok, k_tok, window)
             return jax.lax.cond(live, update, lambda carry: carry, carry), None
 
         zeros = jnp.zeros((batch, kv_heads, block, head_dim), jnp.float32)
         (d_q, d_k, d_v), _ = jax.lax.scan(visit, (d_q, zeros, zeros), jnp.arange(num_blocks))
         return d_q, (d_k, d_v)
 
-    d_q, (d_ks, d_vs) = jax.lax.scan(one_key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(num_blocks))
+    d_q, (d_ks, d_vs) = jax.lax.scan(one_key_block, jnp.zeros(q.shape, jnp.float32),
+                                     jnp.arange(num_key_blocks))
     d_k = jnp.moveaxis(d_ks, 0, 2).reshape(k.shape)
     d_v = jnp.moveaxis(d_vs, 0, 2).reshape(v.shape)
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+    return d_q, d_k, d_v
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, q_segments, k_segments, window, block):
-    """(out, largest attended score per query); the second is a statistic: no gradient flows into it."""
-    out, _, row_max = _forward(q, k, v, q_segments, k_segments, window, block)
-    return out, row_max
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def blockwise_attention(q, k, v, q_segments, k_segments, q_tokens, k_tokens, window, block):
+    """(out, largest attended score per query) in the kernel's layout (q [B, K, G, Lq, D], k/v
+    [B, K, Lk, D]) over explicit token indices; the score maximum is a statistic (no gradient)."""
+    out, _, row_max = forward_blocks(q, k, v, q_segments, k_segments, q_tokens, k_tokens, window, block)
+    return out.astype(q.dtype), row_max
 
 
-def _attention_fwd(q, k, v, q_segments, k_segments, window, block):
-    out, lse, row_max = _forward(q, k, v, q_segments, k_segments, window, block)
-    return (out, row_max), (q, k, v, q_segments, k_segments, window, out, lse)
+def _attention_fwd(q, k, v, q_segments, k_segments, q_tokens, k_tokens, window, block):
+    out, lse, row_max = forward_blocks(q, k, v, q_segments, k_segments, q_tokens, k_tokens, window, block)
+    out = out.astype(q.dtype)
+    return (out, row_max), (q, k, v, q_segments, k_segments, q_tokens, k_tokens, window, out, lse)
 
 
 def _attention_bwd(block, residuals, cotangents):
     d_out, _ = cotangents  # the score maximum is only observed (its cotangent is zero)
-    q, k, v, q_segments, k_segments, window, out, lse = residuals
-    d_q, d_k, d_v = _backward(q, k, v, q_segments, k_segments, window, block, out, lse, d_out)
-    return d_q, d_k, d_v, None, None, None
+    q, k, v, q_segments, k_segments, q_tokens, k_tokens, window, out, lse = residuals
+    d_q, d_k, d_v = backward_blocks(q, k, v, q_segments, k_segments, q_tokens, k_tokens, window, block,
+                                    out, lse, d_out)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None, None, None, None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+blockwise_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def flash_attention(
@@ -184,8 +202,13 @@ def flash_attention_with_max_logit(
     segment_ids_BL: jax.Array,
     window: int | jax.Array = 0,
     block: int = 512,
+    tokens_L: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(attention output, the largest scaled score any query attends to: what QK-norm bounds)."""
+    """(attention output, the largest scaled score any query attends to: what QK-norm bounds).
+
+    tokens_L: each position's token index in the row, for a permuted layout (context parallelism's
+    load balancing); by default the positions in order.
+    """
     batch, length, num_heads, head_dim = q_BLHD.shape
     num_kv_heads = k_BLKD.shape[2]
     group = num_heads // num_kv_heads
@@ -197,6 +220,12 @@ def flash_attention_with_max_logit(
     k, v = _pad_to_blocks(k, 2, block, 0), _pad_to_blocks(v, 2, block, 0)
     q_segments = _pad_to_blocks(segment_ids_BL, 1, block, -1)  # padding queries match no key
     k_segments = _pad_to_blocks(segment_ids_BL, 1, block, -2)
-    out, row_max = _attention(q, k, v, q_segments, k_segments, jnp.asarray(window, jnp.int32), block)
+    padded = jnp.arange(q.shape[3], dtype=jnp.int32)
+    if tokens_L is None:
+        tokens = padded
+    else:
+        tokens = jnp.where(padded < length, jnp.pad(tokens_L, (0, q.shape[3] - length)), padded)
+    out, row_max = blockwise_attention(q, k, v, q_segments, k_segments, tokens, tokens,
+                                       jnp.asarray(window, jnp.int32), block)
     out = out[:, :, :, :length].transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, length, num_heads, head_dim), jnp.max(jax.lax.stop_gradient(row_max))

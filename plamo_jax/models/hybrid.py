@@ -110,8 +110,12 @@ class HybridGroup(nnx.Module):
     def layers(self) -> list[HybridLayer]:
         return [getattr(self, name) for name in self.layer_names]
 
-    def window(self, layer_index: jax.Array) -> jax.Array:
-        """Sliding window of an attention layer (0 = full); layer_index may be traced."""
+    def window(self, layer_index: jax.Array) -> int | jax.Array:
+        """Sliding window of an attention layer (0 = full); layer_index may be traced. A Python int when
+        every attention layer has the same window (context parallelism's ring then skips the steps it
+        rules out)."""
+        if not self.full_attention_layers:
+            return self.attention_window
         full = jnp.isin(layer_index, jnp.asarray(self.full_attention_layers or (-1,), jnp.int32))
         return jnp.where(full, 0, self.attention_window)
 

@@ -18,11 +18,13 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from plamo_jax.errors import ShardingError
 from plamo_jax.models.fp8 import projection
 from plamo_jax.models.layers import RMSNorm, constant, normal, param
+from plamo_jax.parallel import context
 from plamo_jax.parallel import rules as sharding_rules
 from plamo_jax.parallel.rules import constrain
 
@@ -307,12 +309,14 @@ class MambaMixer(nnx.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sequence parallelism: each shard of the "sequence" mesh axis scans its own tokens from a zero state; the
-# shards' final states and decays are combined by an associative scan (an all-gather of [B, H, P, N]
-# states, never of the sequence), and each shard adds what its incoming state contributes. The conv reads
-# the K-1 inputs before the shard from its left neighbour (ppermute).
+# Sequence parallelism: each shard of the "sequence" mesh axis holds one contiguous chunk of the original
+# sequence, or two under context parallelism's balanced layout (chunks r and 2S-1-r: parallel/context.py),
+# and scans each chunk from a zero state. The chunks' final states and decays are gathered (an all-gather
+# of [B, H, P, N] states, never of the sequence), combined in the original chunk order by an associative
+# scan, and each chunk adds what its incoming state contributes. The conv reads the K-1 inputs before each
+# chunk from the gathered chunk tails. So the balanced layout costs the SSM no data movement.
 
-SEQUENCE_AXIS = "sequence"
+SEQUENCE_AXIS = context.SEQUENCE_AXIS
 
 
 def _active_mesh_and_rules():
@@ -321,8 +325,7 @@ def _active_mesh_and_rules():
 
 
 def sequence_shards() -> int:
-    mesh, _ = _active_mesh_and_rules()
-    return 1 if mesh is None else mesh.shape.get(SEQUENCE_AXIS, 1)
+    return context.sequence_shards()
 
 
 def _spec(logical_axes):
@@ -330,27 +333,56 @@ def _spec(logical_axes):
     return sharding_rules.logical_to_spec(logical_axes, rules, mesh)
 
 
-def _shift_right(t: jax.Array, num_shards: int) -> jax.Array:
-    """t of shard i goes to shard i+1; shard 0 receives zeros."""
-    return jax.lax.ppermute(t, SEQUENCE_AXIS, [(i, i + 1) for i in range(num_shards - 1)])
+class _Chunks:
+    """The local chunks of a shard (inside shard_map) and where they sit in the original sequence."""
+
+    def __init__(self, num_shards: int, chunks: int):
+        self.count = chunks
+        order = context.chunk_order(num_shards, chunks)  # [shards, chunks] original chunk ids
+        self.ids = jnp.asarray(order)[jax.lax.axis_index(SEQUENCE_AXIS)]  # this shard's, traced
+        # gathered [shards, chunks, ...] flattened -> original chunk order
+        self.by_original = np.argsort(order.reshape(-1))
+
+    def split(self, t: jax.Array) -> list[jax.Array]:
+        size = t.shape[1] // self.count
+        return [t[:, h * size:(h + 1) * size] for h in range(self.count)]
+
+    def gather(self, per_chunk: list[jax.Array]) -> jax.Array:
+        """[original chunks, ...]: every shard's per-chunk values in the original order."""
+        gathered = jax.lax.all_gather(jnp.stack(per_chunk), SEQUENCE_AXIS)  # [shards, chunks, ...]
+        return gathered.reshape((-1,) + gathered.shape[2:])[self.by_original]
+
+    def previous(self, ordered: jax.Array, h: int, first) -> jax.Array:
+        """The value of the chunk before local chunk h in the original order (`first` for chunk 0)."""
+        chunk_id = self.ids[h]
+        return jnp.where(chunk_id == 0, first, ordered[jnp.maximum(chunk_id - 1, 0)])
 
 
 def causal_conv_sharded(x_BLHP, weight_KHP, segment_ids_BL):
-    """`causal_conv` over a sequence-sharded x; the halo of K-1 inputs comes from the left neighbour."""
+    """`causal_conv` over a sequence-sharded x; each chunk's halo of K-1 inputs comes from the one before."""
     mesh, _ = _active_mesh_and_rules()
-    num_shards = mesh.shape[SEQUENCE_AXIS]
+    num_shards, chunks = mesh.shape[SEQUENCE_AXIS], context.chunks_per_shard()
     width = weight_KHP.shape[0]
     x_spec = _spec(("act_batch", "act_length", "act_ssm_heads", None))
     w_spec = _spec((None, "act_ssm_heads", None))
     seg_spec = _spec(("act_batch", "act_length"))
 
     def body(x, w, seg):
-        if x.shape[1] < width - 1:
-            raise ShardingError(f"train.seq_len: a sequence shard holds {x.shape[1]} tokens; expected at "
-                                f"least model.ssm_conv_width - 1 = {width - 1} per mesh.sequence shard")
-        history = _shift_right(x[:, -(width - 1):], num_shards)
-        history_segments = _shift_right(seg[:, -(width - 1):], num_shards)
-        return causal_conv(x, w, seg, history, history_segments)
+        if x.shape[1] // chunks < width - 1:
+            raise ShardingError(f"train.seq_len: a sequence chunk holds {x.shape[1] // chunks} tokens; "
+                                f"expected at least model.ssm_conv_width - 1 = {width - 1} per chunk of "
+                                "mesh.sequence")
+        layout = _Chunks(num_shards, chunks)
+        xs, segs = layout.split(x), layout.split(seg)
+        tails = layout.gather([t[:, -(width - 1):] for t in xs])
+        tail_segments = layout.gather([t[:, -(width - 1):] for t in segs])
+        outs = []
+        for h, (x_h, seg_h) in enumerate(zip(xs, segs, strict=True)):
+            history = layout.previous(tails, h, jnp.zeros_like(tails[0]))
+            own_first = jnp.broadcast_to(seg_h[:, :1], seg_h[:, :width - 1].shape)
+            history_segments = layout.previous(tail_segments, h, own_first)
+            outs.append(causal_conv(x_h, w, seg_h, history, history_segments))
+        return jnp.concatenate(outs, axis=1)
 
     return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, w_spec, seg_spec), out_specs=x_spec)(
         x_BLHP, weight_KHP, segment_ids_BL)
@@ -359,7 +391,7 @@ def causal_conv_sharded(x_BLHP, weight_KHP, segment_ids_BL):
 def ssd_sharded(x_BLHP, dt_BLH, A_H, B_BLN, C_BLN, segment_ids_BL, *, chunk_size: int):
     """`ssd_chunked` (zero initial state) with the length split over the "sequence" mesh axis."""
     mesh, _ = _active_mesh_and_rules()
-    num_shards = mesh.shape[SEQUENCE_AXIS]
+    num_shards, chunks = mesh.shape[SEQUENCE_AXIS], context.chunks_per_shard()
     x_spec = _spec(("act_batch", "act_length", "act_ssm_heads", None))
     dt_spec = _spec(("act_batch", "act_length", "act_ssm_heads"))
     a_spec = _spec(("act_ssm_heads",))
@@ -367,18 +399,27 @@ def ssd_sharded(x_BLHP, dt_BLH, A_H, B_BLN, C_BLN, segment_ids_BL, *, chunk_size
     seg_spec = _spec(("act_batch", "act_length"))
 
     def body(x, dt, A, b, c, seg):
-        shard = jax.lax.axis_index(SEQUENCE_AXIS)
-        previous_segment = _shift_right(seg[:, -1], num_shards)
-        doc = jnp.where(shard == 0, document_index(seg), document_index(seg, previous_segment))
-        y, local_state = ssd_chunked(x, dt, A, b, c, doc, chunk_size=chunk_size)
-        a = dt.astype(jnp.float32) * A.astype(jnp.float32)
-        shard_decay = jnp.exp(jnp.sum(a, axis=1)) * (doc[:, -1] == 0)[:, None]
-        decays = jax.lax.all_gather(shard_decay, SEQUENCE_AXIS)
-        states = jax.lax.all_gather(local_state, SEQUENCE_AXIS)
+        layout = _Chunks(num_shards, chunks)
+        pieces = [layout.split(t) for t in (x, dt, b, c, seg)]
+        last_segments = layout.gather([seg_h[:, -1] for seg_h in pieces[4]])
+        per_chunk = []
+        for h, (x_h, dt_h, b_h, c_h, seg_h) in enumerate(zip(*pieces, strict=True)):
+            previous_segment = layout.previous(last_segments, h, last_segments[0])
+            doc = jnp.where(layout.ids[h] == 0, document_index(seg_h),
+                            document_index(seg_h, previous_segment))
+            y, local_state = ssd_chunked(x_h, dt_h, A, b_h, c_h, doc, chunk_size=chunk_size)
+            a = dt_h.astype(jnp.float32) * A.astype(jnp.float32)
+            decay = jnp.exp(jnp.sum(a, axis=1)) * (doc[:, -1] == 0)[:, None]
+            per_chunk.append((y, local_state, a, doc, c_h, decay))
+        decays = layout.gather([p[5] for p in per_chunk])
+        states = layout.gather([p[1] for p in per_chunk])
         _, states_after = jax.lax.associative_scan(_combine_states, (decays, states), axis=0)
-        incoming = jnp.where(shard == 0, 0.0, states_after[jnp.maximum(shard - 1, 0)])
-        y_in, _ = initial_state_terms(a, doc, c.astype(jnp.float32), incoming)
-        return y + y_in
+        outs = []
+        for h, (y, _, a, doc, c_h, _) in enumerate(per_chunk):
+            incoming = layout.previous(states_after, h, jnp.zeros_like(states_after[0]))
+            y_in, _ = initial_state_terms(a, doc, c_h.astype(jnp.float32), incoming)
+            outs.append(y + y_in)
+        return jnp.concatenate(outs, axis=1)
 
     return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, dt_spec, a_spec, bc_spec, bc_spec, seg_spec),
                          out_specs=x_spec)(x_BLHP, dt_BLH, A_H, B_BLN, C_BLN, segment_ids_BL)

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from plamo_jax.models import registry
+from plamo_jax.parallel import context
 from plamo_jax.train import guards
 
 Batch = dict[str, jax.Array]
@@ -153,7 +154,12 @@ def train_step(state: dict, batch: Batch, frozen: Any, *, objective, config: ml_
     def loss_sums(params, microbatch):
         return objective.loss_sums(graphdef, params, frozen, microbatch, config)
 
-    grads, sums = accumulate_gradients(loss_sums, state["params"], batch, config.train.microbatches)
+    shards = context.sequence_shards()
+    balanced = context.load_balanced(config.model, shards)
+    if balanced:  # the one place a batch is laid out for causal balance across sequence shards
+        batch = context.lay_out_batch(batch, shards)
+    with context.balanced_layout(balanced):
+        grads, sums = accumulate_gradients(loss_sums, state["params"], batch, config.train.microbatches)
     new_state, norms = apply_gradients(state, grads, sums[objective.normalizer], optimizer)
     metrics = objective.metrics(sums) | norms
     reason, guard = guards.assess(state["guard"], metrics["loss"], norms["grad_norm"], norms["param_norm"],
