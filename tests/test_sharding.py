@@ -104,8 +104,9 @@ def test_parameters_are_born_sharded():
 
 
 def test_sequence_parallelism_shards_activations_outside_attention():
-    """Under sequence=2, the residual stream is split along the sequence; attention sees whole sequences."""
-    config = small_config()
+    """Under sequence=2 without context parallelism, the residual stream is split along the sequence and
+    attention sees whole sequences (tests/test_context_parallel.py covers attention split along it)."""
+    config = small_config(context_parallel="none")
     mesh = mesh_of(sequence=2, fsdp=4)
     rules = mesh_rules(config)
     setup = state_lib.setup_model(config.model, mesh, rules)

@@ -168,18 +168,48 @@ def _merge(acc, part):
     return out, lse, jnp.maximum(max_a, max_b)
 
 
+def _walk_ring(shifts: tuple[int, ...], shards: int, blocks, carried, state, visit):
+    """(carried, state) after `carried, state = visit(blocks, carried, shift, state)` for every ring step.
+
+    `blocks` (keys, values, segment ids) and `carried` (what travels with them and is updated on the way:
+    gradient accumulators) rotate around the ring between steps. A contiguous walk (shifts 0, 1, ..., n-1)
+    is a `lax.scan` whose body sends the blocks on while it computes with them, so one block is in flight
+    and one in use at a time (an unrolled loop lets the scheduler start every transfer at once and hold all
+    blocks: an all-gather in disguise). Sparse shifts (a window known at trace time) are few: unrolled.
+    `carried` ends on the shard holding the last shift's blocks.
+    """
+    if shifts == tuple(range(len(shifts))) and len(shifts) > 1:
+        def body(loop, shift):
+            blocks, carried, state = loop
+            following = _rotate(blocks, 1, shards)  # in flight while this step computes
+            carried, state = visit(blocks, carried, shift, state)
+            return (following, _rotate(carried, 1, shards), state), None
+
+        steps = jnp.arange(len(shifts) - 1)
+        (blocks, carried, state), _ = jax.lax.scan(body, (blocks, carried, state), steps)
+        return visit(blocks, carried, len(shifts) - 1, state)
+    current = 0
+    for shift in shifts:
+        blocks, carried = _rotate((blocks, carried), shift - current, shards)
+        current = shift
+        carried, state = visit(blocks, carried, shift, state)
+    return carried, state
+
+
 def _ring_forward(q, k, v, q_segments, k_segments, window, *, shards, order, shifts, block):
     me = jax.lax.axis_index(SEQUENCE_AXIS)
     local = q.shape[3]
     q_tokens = _shard_tokens(me, local, order)
+
+    def visit(blocks, carried, shift, acc):
+        k_tokens = _shard_tokens((me - shift) % shards, local, order)
+        keys, values, key_segments = blocks
+        part = forward_blocks(q, keys, values, q_segments, key_segments, q_tokens, k_tokens, window, block)
+        return carried, _merge(acc, part)
+
     acc = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], _NEG_INF, jnp.float32),
            jnp.full(q.shape[:-1], _NEG_INF, jnp.float32))
-    held, current = (k, v, k_segments), 0
-    for shift in shifts:
-        held, current = _rotate(held, shift - current, shards), shift
-        k_tokens = _shard_tokens((me - shift) % shards, local, order)
-        part = forward_blocks(q, *held[:2], q_segments, held[2], q_tokens, k_tokens, window, block)
-        acc = _merge(acc, part)
+    _, acc = _walk_ring(shifts, shards, (k, v, k_segments), (), acc, visit)
     return acc
 
 
@@ -198,24 +228,23 @@ def _ring_attention_fwd(q, k, v, q_segments, k_segments, window, shards, order, 
 
 
 def _ring_attention_bwd(shards, order, shifts, block, residuals, cotangents):
+    """A second ring: each key/value block travels with its gradient accumulators, to which every shard
+    adds its queries' contribution; after the walk the accumulators go home."""
     d_out, _ = cotangents  # the row maximum is a statistic
     q, k, v, q_segments, k_segments, window, out, lse = residuals
     me = jax.lax.axis_index(SEQUENCE_AXIS)
     local = q.shape[3]
     q_tokens = _shard_tokens(me, local, order)
-    d_q = jnp.zeros(q.shape, jnp.float32)
-    held = (k, v, k_segments)
-    grads = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    current = 0
-    for shift in shifts:
-        held, grads = _rotate((held, grads), shift - current, shards)
-        current = shift
+
+    def visit(blocks, grads, shift, d_q):
         k_tokens = _shard_tokens((me - shift) % shards, local, order)
-        dq_part, dk_part, dv_part = backward_blocks(q, held[0], held[1], q_segments, held[2], q_tokens,
+        dq_part, dk_part, dv_part = backward_blocks(q, blocks[0], blocks[1], q_segments, blocks[2], q_tokens,
                                                     k_tokens, window, block, out, lse, d_out)
-        d_q = d_q + dq_part
-        grads = (grads[0] + dk_part, grads[1] + dv_part)
-    d_k, d_v = _rotate(grads, -current, shards)  # each block's gradients go home
+        return (grads[0] + dk_part, grads[1] + dv_part), d_q + dq_part
+
+    grads = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    grads, d_q = _walk_ring(shifts, shards, (k, v, k_segments), grads, jnp.zeros(q.shape, jnp.float32), visit)
+    d_k, d_v = _rotate(grads, -shifts[-1], shards)  # each block's gradients go home
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None, None
 
 
