@@ -218,3 +218,69 @@ def test_flash_attention_estimate_matches_xla():
     dense.train.seq_len = 128
     saved = "activations saved for backward"
     assert estimate.bytes_of(saved) < memory.estimate_memory(dense, 8, host_kernels=True).bytes_of(saved)
+
+
+# ------------------------------------------------------------------------------- context parallelism
+
+
+def context_config(strategy: str, seq_len: int = 256, remat: str = "none", **model):
+    """A dense model with the sequence sharded 4 ways (data=2 x sequence=4, balanced layout).
+
+    Two wide heads: besides what the estimator counts, XLA holds masks of every (query block, key
+    block) pair of the flash kernel, computed from segment ids alone and hoisted out of the layer scan
+    (O(local length x length x heads) bytes, an artefact the estimate leaves out); with two heads they
+    stay a few percent of the step here.
+    """
+    settings = {"num_layers": 4, "num_heads": 2, "num_kv_heads": 2, "head_dim": 32} | model
+    config = small_config(remat=remat, **settings)
+    config.model.context_parallel = strategy
+    config.train.global_batch_size, config.train.seq_len = 4, seq_len
+    config.mesh.data, config.mesh.sequence = 2, 4
+    return config
+
+
+@functools.cache
+def context_compared(strategy: str) -> tuple[memory.MemoryEstimate, memory.XlaMemory]:
+    config = context_config(strategy)
+    return memory.estimate_memory(config, 8, host_kernels=True), memory.xla_memory(config, jax.devices()[:8])
+
+
+@pytest.mark.parametrize("strategy", ["ring", "all_gather"])
+def test_context_parallel_estimate_matches_xla(strategy):
+    """Everything but the step's arguments (activations, working sets, gradients, updates) against XLA's
+    temporaries of the real compiled step, and the total against its peak."""
+    estimate, xla = context_compared(strategy)
+    assert state_arguments(estimate) == xla.argument
+    temporaries = estimate.total - state_arguments(estimate)
+    print(f"\ncontext_parallel={strategy}: estimate {temporaries:.0f} B vs XLA temp {xla.temp} B "
+          f"({temporaries / xla.temp:.2f}); total {estimate.total:.0f} vs peak {xla.peak} "
+          f"({estimate.total / xla.peak:.2f})")
+    assert LOW <= temporaries / xla.temp <= HIGH, (estimate.table(), xla)
+    assert LOW <= estimate.total / xla.peak <= HIGH, (estimate.table(), xla)
+    assert estimate.bytes_of("context parallel attention (4 shards)") > 0
+
+
+def test_ring_holds_less_than_all_gather_like_xla():
+    (ring, xla_ring), (gathered, xla_gathered) = context_compared("ring"), context_compared("all_gather")
+    assert xla_ring.temp < xla_gathered.temp
+    assert ring.total < gathered.total
+    saved = "activations saved for backward"
+    assert ring.bytes_of(saved) < gathered.bytes_of(saved)
+
+
+def test_context_parallel_strategies_order_and_gathered_keys_values():
+    """At 8k tokens: the ring keeps 2 blocks of L/4 keys and values and no [L, L] scores, all_gather the
+    whole length per layer, none the whole length and its (query-split) dense scores."""
+    length, layers = 8192, 4
+    totals = {strategy: memory.estimate_memory(context_config(strategy, length), 8)
+              for strategy in ("ring", "all_gather", "none")}
+    assert totals["ring"].total < totals["all_gather"].total <= totals["none"].total
+    # What all_gather saves beyond the ring is exactly the gathered keys and values of every layer:
+    # per device 2 x 2 sequences x L x 2 heads x 32 x fp32, less the local quarter the ring keeps too.
+    gathered = layers * 2 * 2 * length * 2 * 32 * 4 * (1 - 1 / 4)
+    saved = "activations saved for backward"
+    assert (totals["all_gather"].bytes_of(saved) - totals["ring"].bytes_of(saved)
+            == pytest.approx(gathered))
+    flash = memory.estimate_memory(context_config("ring", length, attention_impl="flash"), 8)
+    assert flash.total == totals["ring"].total  # context parallelism runs the flash kernel regardless
+    assert "ring" in next(item.note for item in flash.items if item.name.startswith("context parallel"))

@@ -8,14 +8,20 @@
   mesh shards), times the number of blocks, plus the scan carry of every block;
 - the peak working set of one block's backward (its recomputed residuals + cotangents), FSDP's
   gathered weights of one block, the embedding / LM head in compute layout, logits and the loss,
-  the MoE all-to-all buffers of expert parallelism, gradient accumulation and the input batch.
+  the MoE all-to-all buffers of expert parallelism, gradient accumulation and the input batch;
+- under context parallelism (mesh.sequence > 1, `model.context_parallel`), what one attention layer's
+  strategy holds on top: gathered keys and values at full length (all_gather) or one block in flight
+  around the ring (ring), and the flash kernel's block x block temporaries.
 The Megatron-style formula of Fujii et al. (shared/specs/memory_estimator.md) is a second opinion
 for dense models; a configuration fits when the estimate is at most 80% of device memory.
 
 `xla_memory` compiles the real step abstractly and reads XLA's per-device analysis. On CPU the
 estimate's state bytes equal XLA's argument bytes, and its total is 0.9-1.7x XLA's arguments +
 temporaries: with remat it errs high, keeping a block's whole recomputed residual set live while
-XLA fuses part of it away.
+XLA fuses part of it away. Not counted: the flash kernel's masks of every (query block, key block)
+pair, which JAX computes from the segment ids alone and hoists out of the layer scan in the compiled
+step (O(local length x length x heads) bytes: tests/test_memory_estimate.py keeps them small with two
+heads; at 32k-128k tokens they dominate XLA's figure, see configs/plamo2_8b_32k.py).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from plamo_jax.errors import ConfigError
 from plamo_jax.models import kernels
 from plamo_jax.models.decoder import REMAT_POLICIES
 from plamo_jax.models.family import FamilySpec
+from plamo_jax.parallel import context as context_lib
 from plamo_jax.parallel.rules import MESH_AXES, Rules, logical_to_spec, sharding_context
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.run import Run, build_run
@@ -291,23 +298,65 @@ def local_model_config(model_cfg: ml_collections.ConfigDict, family: FamilySpec,
 
 
 @dataclasses.dataclass(frozen=True)
+class ContextParallel:
+    """How attention meets the other sequence shards' keys and values (parallel/context.py)."""
+
+    strategy: str  # "none" (also without sequence shards), "all_gather" or "ring"
+    shards: int  # devices along the `sequence` axis
+    block: int  # the flash kernel's block length inside context parallelism
+
+    @property
+    def active(self) -> bool:
+        return self.strategy != "none" and self.shards > 1
+
+
+def context_parallel(model_cfg: ml_collections.ConfigDict, layout: Layout, seq_len: int) -> ContextParallel:
+    """The strategy attention runs on this mesh, and the kernel block `context_attention` picks: blocks
+    never straddle two of a shard's chunks (two under the causal load-balanced layout)."""
+    shards = int(layout.mesh.shape.get(context_lib.SEQUENCE_AXIS, 1))
+    strategy = model_cfg.context_parallel if shards > 1 else "none"
+    chunks = 2 if context_lib.load_balanced(model_cfg, shards) else 1
+    chunk = max(seq_len // (shards * chunks), 1)
+    return ContextParallel(strategy, shards, math.gcd(chunk, model_cfg.attention_block))
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockActivations:
     residuals: dict[str, float]  # bytes of one block's residuals per remat policy
     cotangents: float  # the two largest residuals again: gradients live next to their primals
     family_part: float  # residuals of the family's own part (SSM mixers, MoE MLP) of a block (remat none)
 
 
+def traced_model_config(local_cfg: ml_collections.ConfigDict,
+                        cp: ContextParallel) -> ml_collections.ConfigDict:
+    """The model as its block is traced: under context parallelism attention always runs the flash
+    kernel with the strategy's block, whatever model.attention_impl says (the single-program path the
+    trace takes has no mesh, so it is told which kernel to use)."""
+    if not cp.active:
+        return local_cfg
+    traced = ml_collections.ConfigDict(local_cfg.to_dict())
+    traced.attention_impl, traced.attention_block = "flash", cp.block
+    return traced
+
+
 def block_activations(family: FamilySpec, local_cfg: ml_collections.ConfigDict, batch: int, length: int,
-                      length_shards: int = 1, host_kernels: bool = False) -> BlockActivations:
+                      length_shards: int = 1, host_kernels: bool = False,
+                      cp: ContextParallel | None = None) -> BlockActivations:
     """Residuals of one scanned block on one device's shapes, for each remat policy.
 
-    With sequence parallelism each device keeps 1 / `length_shards` of every residual, attention
-    scores included (XLA splits them by query rows), except the keys and values that attention
-    gathers over the whole sequence: the block is traced at full `length`, scaled, and those added.
+    With sequence parallelism each device keeps 1 / `length_shards` of every residual: the block is
+    traced at full `length` (without a mesh, so on the single-program path) and scaled. Queries,
+    outputs and the kernel's log-normaliser are then local under every strategy; the keys and values
+    are not where attention gathers them: over the whole sequence ("none", scores split by query rows
+    as XLA does) or along the sequence axis ("all_gather"), and those are added at full length. The
+    ring gathers nothing: each shard keeps its own block (the one in flight is working set,
+    `context_working_set`).
     host_kernels: trace the MoE expert kernels this process would compile (the CPU fallback on a CPU
     host), for comparing with a compile here; by default those that GPUs and TPUs run.
     """
-    block = nnx.eval_shape(lambda: family.block(local_cfg, rngs=nnx.Rngs(0)))
+    cp = cp or ContextParallel("none", length_shards, local_cfg.attention_block)
+    traced_cfg = traced_model_config(local_cfg, cp)
+    block = nnx.eval_shape(lambda: family.block(traced_cfg, rngs=nnx.Rngs(0)))
     x = jax.ShapeDtypeStruct((batch, length, local_cfg.d_model), jnp.dtype(local_cfg.dtype))
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     whole = [(block, lambda b, h, seg: b(h, seg, seg, jnp.int32(0))[0])]
@@ -322,11 +371,49 @@ def block_activations(family: FamilySpec, local_cfg: ml_collections.ConfigDict, 
                 largest = sum(sorted((nbytes([a]) for a in avals), reverse=True)[:2]) / length_shards
         parts = family.memory_part.select(block) if family.memory_part is not None else []
         family_part = nbytes(module_residuals(parts, x, ids, None))
-    # Keys and values after the gather (rotated keys and values feed the score and output einsums).
-    kv_bytes = 2 * batch * length * local_cfg.num_kv_heads * local_cfg.head_dim * x.dtype.itemsize
-    attention_layers = family.attention_layers_per_block(local_cfg)
-    residuals["none"] += attention_layers * kv_bytes * (1 - 1 / length_shards)
+    if cp.strategy != "ring":
+        # Keys and values after the gather (rotated keys and values feed the score and output einsums).
+        attention_layers = family.attention_layers_per_block(local_cfg)
+        gathered = kv_bytes(local_cfg, batch, length) * (1 - 1 / length_shards)
+        residuals["none"] += attention_layers * gathered
     return BlockActivations(residuals, largest, family_part / length_shards)
+
+
+def kv_bytes(local_cfg: ml_collections.ConfigDict, batch: int, length: int,
+             itemsize: int | None = None) -> float:
+    """Keys and values of one attention layer over `length` tokens (compute dtype unless itemsize)."""
+    itemsize = itemsize or jnp.dtype(local_cfg.dtype).itemsize
+    return 2 * batch * length * local_cfg.num_kv_heads * local_cfg.head_dim * itemsize
+
+
+def flash_temporaries(local_cfg: ml_collections.ConfigDict, batch: int, local_length: int,
+                      block: int) -> float:
+    """The flash kernel's live temporaries for one device's queries: the backward's fp32 scores,
+    probabilities and their gradients of one (query block, key block) pair, and its fp32 query-gradient
+    accumulator (the forward's running output is smaller). Never an [L, L] score matrix."""
+    heads = local_cfg.num_heads
+    pair = 4 * batch * heads * block * block
+    return FP32_BYTES * (pair + batch * heads * local_length * local_cfg.head_dim)
+
+
+def context_working_set(local_cfg: ml_collections.ConfigDict, cp: ContextParallel, batch: int,
+                        length: int) -> tuple[float, str]:
+    """(bytes, note): what one attention layer's backward holds on top of its residuals under context
+    parallelism; layers run one after another, so one layer's worth per device."""
+    local = length // cp.shards
+    kernel = flash_temporaries(local_cfg, batch, local, cp.block)
+    if cp.strategy == "ring":
+        # The backward's second ring: the key/value block in flight beside the held one, and the fp32
+        # key/value gradient accumulators that travel with the blocks (the held and the incoming one).
+        ring = kv_bytes(local_cfg, batch, local) + 2 * kv_bytes(local_cfg, batch, local, FP32_BYTES)
+        return ring + kernel, (f"ring: one {local}-token K/V block in flight + fp32 dK/dV accumulators "
+                               f"(held + in flight) {format_bytes(ring)}; flash {cp.block}x{cp.block} "
+                               f"temporaries {format_bytes(kernel)}")
+    # all_gather: the kernel's fp32 gradients of the gathered keys and values, full length, until the
+    # reduce-scatter that the gather's transpose is.
+    gathered = kv_bytes(local_cfg, batch, length, FP32_BYTES)
+    return gathered + kernel, (f"all_gather: fp32 dK/dV over all {length} tokens {format_bytes(gathered)}; "
+                               f"flash {cp.block}x{cp.block} temporaries {format_bytes(kernel)}")
 
 
 def module_residuals(parts, x, ids, policy) -> list[jax.ShapeDtypeStruct]:
@@ -420,8 +507,10 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
     batch = -(-rows // train.microbatches)
     length = layout.local(train.seq_len, "act_length")
     tokens = batch * length
-    blocks = block_activations(family, local_model_config(m, family, layout), batch, train.seq_len,
-                               layout.divisor("act_length"), host_kernels)
+    local_cfg = local_model_config(m, family, layout)
+    cp = context_parallel(m, layout, train.seq_len)
+    blocks = block_activations(family, local_cfg, batch, train.seq_len, layout.divisor("act_length"),
+                               host_kernels, cp)
     saved = blocks.residuals[m.remat]
     carry = dtype_bytes * tokens * m.d_model  # the scan keeps every block's input
     recompute = blocks.residuals["none"] - saved
@@ -455,6 +544,11 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
         MemoryItem("block recompute + backward working set", recompute + blocks.cotangents,
                    f"one block: recomputed residuals {format_bytes(recompute)} + cotangents "
                    f"{format_bytes(blocks.cotangents)}"),
+    ]
+    if cp.active:
+        working, note = context_working_set(local_cfg, cp, batch, train.seq_len)
+        items.append(MemoryItem(f"context parallel attention ({cp.shards} shards)", working, note))
+    items += [
         MemoryItem("gathered block weights", block_weights,
                    "one block's weights in compute dtype" + (" + unreduced fp32 grads (FSDP)" * gathers)),
         MemoryItem("embedding / LM head gathered",
