@@ -47,9 +47,22 @@ def _block_is_live(q_tokens, k_tokens, window) -> jax.Array:
     return causal & in_window
 
 
+def _tie_masks_to(q, *mask_inputs):
+    """(q, *mask_inputs) through an optimization barrier, so that the masks depend on q.
+
+    Token indices, segment ids and the window are the same for every layer of a scanned stack. Without
+    the barrier, JAX's partial evaluation of the differentiated layer scan hoists everything computed from
+    them alone out of the loop: every (query block, key block) mask, stacked, held for the whole step (an
+    [L, L] boolean per head, hundreds of GiB at 128K tokens).
+    """
+    return jax.lax.optimization_barrier((q, *mask_inputs))
+
+
 def forward_blocks(q, k, v, q_segments, k_segments, q_tokens, k_tokens, window, block):
     """q [B, K, G, Lq, D], k/v [B, K, Lk, D] (lengths multiples of block), token indices q_tokens [Lq],
     k_tokens [Lk] -> (out like q, lse [B, K, G, Lq], the largest attended score of each query)."""
+    q, q_segments, k_segments, q_tokens, k_tokens, window = _tie_masks_to(q, q_segments, k_segments, q_tokens,
+                                                                          k_tokens, window)
     batch, kv_heads, group, length, head_dim = q.shape
     scale = head_dim**-0.5
     num_blocks = length // block
@@ -106,6 +119,8 @@ def forward_blocks(q, k, v, q_segments, k_segments, q_tokens, k_tokens, window, 
 def backward_blocks(q, k, v, q_segments, k_segments, q_tokens, k_tokens, window, block, out, lse, d_out):
     """fp32 (d_q, d_k, d_v) of `forward_blocks`'s queries against these keys, given the output and
     log-normaliser of the queries' whole softmax (which may span keys beyond k: context parallelism)."""
+    q, q_segments, k_segments, q_tokens, k_tokens, window = _tie_masks_to(q, q_segments, k_segments, q_tokens,
+                                                                          k_tokens, window)
     batch, kv_heads, group, length, head_dim = q.shape
     scale = head_dim**-0.5
     num_blocks = length // block
