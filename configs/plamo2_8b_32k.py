@@ -5,10 +5,8 @@ Memory (tools/estimate_memory.py --devices 64 --device h100: sequence=4 x fsdp=1
 shard of one sequence per device per microbatch, full remat): 42.95 GiB per device, 54% of 80 GiB,
 under the 80% rule (64.0 GiB); on 64 v5p chips 45% of 95 GiB.
 The TPU compiler (tools/aot_compile.py --topology v5p:4x4x4 --mesh sequence=4,fsdp=16, the recipe's
-mesh; 183 s to compile here) counts 86.55 GiB per chip (6.91 arguments + 79.64 temporaries, 91% of
-HBM: it fits the chip but not the 80% rule), 2.0x the estimate. The gap (~40 GiB) is the flash
-kernel's masks of every (query block, key block) pair, hoisted out of the layer scan (8k local
-queries x 32k keys x 32 heads x 5 bytes), which the estimator does not count.
+mesh; 220 s to compile here) counts 25.80 GiB per chip (6.91 arguments + 18.89 temporaries, 27% of
+HBM): the estimate is 1.66x high (full remat: it keeps a block's whole recomputed residual set live).
 """
 
 from plamo_jax.configuration import load_recipe

@@ -18,10 +18,7 @@ for dense models; a configuration fits when the estimate is at most 80% of devic
 `xla_memory` compiles the real step abstractly and reads XLA's per-device analysis. On CPU the
 estimate's state bytes equal XLA's argument bytes, and its total is 0.9-1.7x XLA's arguments +
 temporaries: with remat it errs high, keeping a block's whole recomputed residual set live while
-XLA fuses part of it away. Not counted: the flash kernel's masks of every (query block, key block)
-pair, which JAX computes from the segment ids alone and hoists out of the layer scan in the compiled
-step (O(local length x length x heads) bytes: tests/test_memory_estimate.py keeps them small with two
-heads; at 32k-128k tokens they dominate XLA's figure, see configs/plamo2_8b_32k.py).
+XLA fuses part of it away (the long-context recipes: 1.6x the TPU compiler's peak, see their docstrings).
 """
 
 from __future__ import annotations
