@@ -55,6 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
+from plamo_jax.models.context_attention import context_attention  # noqa: E402
 from plamo_jax.models.flash_attention import flash_attention_with_max_logit  # noqa: E402
 from plamo_jax.parallel import context  # noqa: E402
 from plamo_jax.parallel.rules import DEFAULT_RULES, MESH_AXES, constrain, sharding_context  # noqa: E402
@@ -85,7 +86,7 @@ def attention_fn(strategy: str, block: int):
         return constrain(out, ("act_batch", "act_length", "act_heads", "act_head_dim"))
 
     def parallel(q, k, v, segments):
-        return context.context_attention(q, k, v, segments, 0, strategy=strategy, block=block)[0]
+        return context_attention(q, k, v, segments, 0, strategy=strategy, block=block)[0]
 
     return none if strategy == "none" else parallel
 

@@ -48,7 +48,7 @@ def _model_defaults() -> ml_collections.ConfigDict:
     # softmax with a hand-written backward, memory linear in the sequence (models/flash_attention.py).
     m.attention_impl = "dense"
     m.attention_block = 512  # flash: query / key block length
-    # Context parallelism: how attention works when mesh.sequence > 1 (parallel/context.py). none: the
+    # Context parallelism: how attention works when mesh.sequence > 1 (models/context_attention.py). none: the
     # sequence is gathered for attention (heads stay sharded); all_gather: keys/values gathered, queries
     # stay sharded; ring: key/value blocks rotate with ppermute, nothing gathered.
     m.context_parallel = "all_gather"

@@ -1,6 +1,7 @@
-"""Context parallelism (parallel/context.py): attention split along the `sequence` axis equals one device.
+"""Context parallelism (models/context_attention.py, parallel/context.py) equals one device.
 
-Every family, ring and all_gather, contiguous and load-balanced layouts, packed documents, windows, and
+Attention split along the `sequence` axis: every family, ring and all_gather, contiguous and
+load-balanced layouts, packed documents, windows, and
 composition with the data, fsdp, tensor and expert axes: loss and gradients equal the single-device
 pass (fp32). The balanced layout's work is counted against a brute-force mask; the ring's per-device
 temporaries are read from XLA's memory analysis.
@@ -15,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from plamo_jax.configuration import mesh_rules, validate_config
 from plamo_jax.errors import ConfigError
+from plamo_jax.models.context_attention import context_attention
 from plamo_jax.parallel import context
 from plamo_jax.parallel.rules import DEFAULT_RULES, sharding_context
 from plamo_jax.train import state as state_lib
@@ -155,7 +157,7 @@ def attention_grad_memory(shards: int, strategy: str, length: int = 16384, block
     mesh = mesh_of(sequence=shards)
 
     def loss(q, k, v, segment_ids):
-        out, _ = context.context_attention(q, k, v, segment_ids, 0, strategy=strategy, block=block)
+        out, _ = context_attention(q, k, v, segment_ids, 0, strategy=strategy, block=block)
         return jnp.sum(out * out)
 
     sharded = NamedSharding(mesh, PartitionSpec(None, "sequence"))

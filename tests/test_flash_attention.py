@@ -71,8 +71,8 @@ def flash_calls(monkeypatch):
     calls = []
     real = attention_module.flash_attention_with_max_logit
     monkeypatch.setattr(attention_module, "flash_attention_with_max_logit",
-                        lambda q, k, v, segments, window, block: calls.append(window) or real(
-                            q, k, v, segments, window, block))
+                        lambda q, k, v, segments, window, block, tokens=None: calls.append(window) or real(
+                            q, k, v, segments, window, block, tokens))
     return calls
 
 
@@ -83,7 +83,9 @@ def test_model_step_with_flash_equals_dense(mesh_sizes, flash_calls):
     host_params = initial_host_params(dense_config)
     host_batch = random_batch(np.random.default_rng(1), 8, 16, dense_config.model.vocab_size)
     loss, grads = loss_and_grads(dense_config, mesh_of(data=1), host_params, host_batch)
-    flash_config = small_config(attention_impl="flash", attention_block=8)
+    # context_parallel="none": under sequence=2 the single-program flash path (tests/test_context_parallel.py
+    # covers attention sharded along the sequence)
+    flash_config = small_config(attention_impl="flash", attention_block=8, context_parallel="none")
     flash_config.mesh.update({"data": 1, **mesh_sizes})
     flash_loss, flash_grads = loss_and_grads(flash_config, mesh_of(**mesh_sizes), host_params, host_batch)
     assert flash_calls  # the flash path really ran

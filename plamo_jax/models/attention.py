@@ -8,6 +8,7 @@ import ml_collections
 from flax import nnx
 
 from plamo_jax.errors import ConfigError
+from plamo_jax.models.context_attention import context_attention
 from plamo_jax.models.flash_attention import flash_attention_with_max_logit
 from plamo_jax.models.fp8 import projection
 from plamo_jax.models.layers import RMSNorm, apply_rope, compute_dtype, normal, output_init_std, param
@@ -198,7 +199,7 @@ class Attention(nnx.Module):
         q, k, v = self.project_qkv(x_BLD, positions_BL)
         if self.context_parallel != "none" and context.sequence_shards() > 1:
             # Context parallelism: queries, keys and values stay sharded along the sequence.
-            attended, max_logit = context.context_attention(q, k, v, segment_ids_BL, window,
+            attended, max_logit = context_attention(q, k, v, segment_ids_BL, window,
                                                             strategy=self.context_parallel, block=self.block)
             return self.project_out(attended), max_logit
         # Sequence parallelism ends here: attention sees the whole sequence, heads stay sharded.

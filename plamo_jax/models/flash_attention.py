@@ -8,7 +8,7 @@ skipped. Masking is the dense path's: causal by index, same segment id, and with
 when window > 0.
 
 `forward_blocks` / `backward_blocks` take the queries' and keys' token indices explicitly and may have
-different query and key lengths: context parallelism (parallel/context.py) calls them on a shard's
+different query and key lengths: context parallelism (models/context_attention.py) calls them on a shard's
 queries against keys held elsewhere in the sequence.
 """
 

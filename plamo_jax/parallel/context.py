@@ -1,46 +1,29 @@
-"""Context parallelism: attention with the sequence sharded along the `sequence` mesh axis.
+"""Context parallelism's layout: how a sequence sharded along the `sequence` mesh axis is laid out.
 
-The `sequence` axis shards every activation's length. Without context parallelism attention gathers the
-whole sequence on every device (heads stay sharded); with it each device keeps its own queries and
-meets the other shards' keys and values in one of two ways (`model.context_parallel`):
-
-- "all_gather": keys and values are gathered along the axis (one collective, overlappable with the
-  projections), queries stay local. Memory for keys and values grows with the sequence.
-- "ring": key/value blocks rotate around the axis with `ppermute`; at each step a shard attends its
-  queries to the block it holds (the flash kernel's online softmax, merged across steps by
-  log-sum-exp), while the next block is already in flight: nothing is ever gathered. The backward pass
-  is a second ring that carries each block's key/value gradients with it and sends them home at the
-  end. With a sliding window known at trace time only the ring steps some query can see are run, so a
-  windowed layer exchanges blocks with its neighbours only.
-
-Layout. Under causal masking a contiguous split gives the last shard the most work (its queries see
-every earlier key). With `model.context_load_balance` the training step lays the batch out once, before
-the model (`lay_out_batch`): the sequence is cut into 2S chunks and shard r holds chunks r and 2S-1-r,
-so every shard does the same attention work. Tokens, targets, positions, segment ids and loss masks
-move together, so the loss, a sum over tokens, is unchanged; attention (every strategy, and the masks
-of the single-program paths) and the SSM's state passing read the layout from `balanced_layout`.
+With `model.context_parallel` ("all_gather" or "ring": models/context_attention.py) attention stays
+sharded along the `sequence` axis. Under causal masking a contiguous split gives the last shard the most
+work (its queries see every earlier key). With `model.context_load_balance` the training step lays the
+batch out once, before the model (`lay_out_batch`): the sequence is cut into 2S chunks and shard r holds
+chunks r and 2S-1-r, so every shard does the same attention work. Tokens, targets, positions, segment
+ids and loss masks move together, so the loss, a sum over tokens, is unchanged; attention (every
+strategy, and the masks of the single-program paths) and the SSM's state passing read the layout from
+`balanced_layout`. This module also counts the work per shard and the ring steps a window needs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
-import math
 from collections.abc import Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
 from plamo_jax.errors import ShardingError
-from plamo_jax.models.flash_attention import backward_blocks, blockwise_attention, forward_blocks
 from plamo_jax.parallel import rules as sharding_rules
 
 SEQUENCE_AXIS = "sequence"
 STRATEGIES = ("none", "all_gather", "ring")
-_NEG_INF = float("-inf")
 
 _BALANCED: contextvars.ContextVar[bool] = contextvars.ContextVar("plamo_jax_balanced_layout", default=False)
 
@@ -138,175 +121,3 @@ def ring_shifts(shards: int, chunks: int, chunk: int, window) -> tuple[int, ...]
             if any(_chunk_is_live(q, k, chunk, window) for q, k in pairs):
                 live.add(shift)
     return tuple(sorted(live))
-
-
-# ----------------------------------------------------------------------------------- the attention
-
-
-def _rotate(tree, shift: int, shards: int):
-    """Every leaf of shard i goes to shard i + shift (mod shards)."""
-    if shift % shards == 0:
-        return tree
-    perm = [(i, (i + shift) % shards) for i in range(shards)]
-    return jax.tree.map(lambda x: jax.lax.ppermute(x, SEQUENCE_AXIS, perm), tree)
-
-
-def _shard_tokens(shard, local_length: int, order: np.ndarray) -> jax.Array:
-    """Token indices of the local positions of `shard` (traced) under the laid-out `order`."""
-    return jax.lax.dynamic_slice_in_dim(jnp.asarray(order), shard * local_length, local_length)
-
-
-def _merge(acc, part):
-    """Two partial softmax results (out, lse, row max) over disjoint keys as one."""
-    out_a, lse_a, max_a = acc
-    out_b, lse_b, max_b = part
-    lse = jnp.logaddexp(lse_a, lse_b)
-    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    weight_a = jnp.where(jnp.isfinite(lse_a), jnp.exp(lse_a - safe), 0.0)
-    weight_b = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - safe), 0.0)
-    out = out_a * weight_a[..., None] + out_b * weight_b[..., None]
-    return out, lse, jnp.maximum(max_a, max_b)
-
-
-def _walk_ring(shifts: tuple[int, ...], shards: int, blocks, carried, state, visit):
-    """(carried, state) after `carried, state = visit(blocks, carried, shift, state)` for every ring step.
-
-    `blocks` (keys, values, segment ids) and `carried` (what travels with them and is updated on the way:
-    gradient accumulators) rotate around the ring between steps. A contiguous walk (shifts 0, 1, ..., n-1)
-    is a `lax.scan` whose body sends the blocks on while it computes with them, so one block is in flight
-    and one in use at a time (an unrolled loop lets the scheduler start every transfer at once and hold all
-    blocks: an all-gather in disguise). Sparse shifts (a window known at trace time) are few: unrolled.
-    `carried` ends on the shard holding the last shift's blocks.
-    """
-    if shifts == tuple(range(len(shifts))) and len(shifts) > 1:
-        def body(loop, shift):
-            blocks, carried, state = loop
-            following = _rotate(blocks, 1, shards)  # in flight while this step computes
-            carried, state = visit(blocks, carried, shift, state)
-            return (following, _rotate(carried, 1, shards), state), None
-
-        steps = jnp.arange(len(shifts) - 1)
-        (blocks, carried, state), _ = jax.lax.scan(body, (blocks, carried, state), steps)
-        return visit(blocks, carried, len(shifts) - 1, state)
-    current = 0
-    for shift in shifts:
-        blocks, carried = _rotate((blocks, carried), shift - current, shards)
-        current = shift
-        carried, state = visit(blocks, carried, shift, state)
-    return carried, state
-
-
-def _ring_forward(q, k, v, q_segments, k_segments, window, *, shards, order, shifts, block):
-    me = jax.lax.axis_index(SEQUENCE_AXIS)
-    local = q.shape[3]
-    q_tokens = _shard_tokens(me, local, order)
-
-    def visit(blocks, carried, shift, acc):
-        k_tokens = _shard_tokens((me - shift) % shards, local, order)
-        keys, values, key_segments = blocks
-        part = forward_blocks(q, keys, values, q_segments, key_segments, q_tokens, k_tokens, window, block)
-        return carried, _merge(acc, part)
-
-    acc = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], _NEG_INF, jnp.float32),
-           jnp.full(q.shape[:-1], _NEG_INF, jnp.float32))
-    _, acc = _walk_ring(shifts, shards, (k, v, k_segments), (), acc, visit)
-    return acc
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _ring_attention(q, k, v, q_segments, k_segments, window, shards, order, shifts, block):
-    out, _, row_max = _ring_forward(q, k, v, q_segments, k_segments, window, shards=shards, order=order,
-                                    shifts=shifts, block=block)
-    return out.astype(q.dtype), row_max
-
-
-def _ring_attention_fwd(q, k, v, q_segments, k_segments, window, shards, order, shifts, block):
-    out, lse, row_max = _ring_forward(q, k, v, q_segments, k_segments, window, shards=shards, order=order,
-                                      shifts=shifts, block=block)
-    out = out.astype(q.dtype)
-    return (out, row_max), (q, k, v, q_segments, k_segments, window, out, lse)
-
-
-def _ring_attention_bwd(shards, order, shifts, block, residuals, cotangents):
-    """A second ring: each key/value block travels with its gradient accumulators, to which every shard
-    adds its queries' contribution; after the walk the accumulators go home."""
-    d_out, _ = cotangents  # the row maximum is a statistic
-    q, k, v, q_segments, k_segments, window, out, lse = residuals
-    me = jax.lax.axis_index(SEQUENCE_AXIS)
-    local = q.shape[3]
-    q_tokens = _shard_tokens(me, local, order)
-
-    def visit(blocks, grads, shift, d_q):
-        k_tokens = _shard_tokens((me - shift) % shards, local, order)
-        dq_part, dk_part, dv_part = backward_blocks(q, blocks[0], blocks[1], q_segments, blocks[2], q_tokens,
-                                                    k_tokens, window, block, out, lse, d_out)
-        return (grads[0] + dk_part, grads[1] + dv_part), d_q + dq_part
-
-    grads = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    grads, d_q = _walk_ring(shifts, shards, (k, v, k_segments), grads, jnp.zeros(q.shape, jnp.float32), visit)
-    d_k, d_v = _rotate(grads, -shifts[-1], shards)  # each block's gradients go home
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None, None
-
-
-_ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
-
-
-def _local_attention(strategy: str, block: int, shards: int, chunks: int, static_window, axis_names):
-    """The per-shard body over local q [B, Ls, H, D], k/v [B, Ls, K, D], segments [B, Ls], window []."""
-
-    def body(q_BLHD, k_BLKD, v_BLKD, segments, window):
-        batch, local, heads, head_dim = q_BLHD.shape
-        kv_heads = k_BLKD.shape[2]
-        q = q_BLHD.reshape(batch, local, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
-        k, v = k_BLKD.transpose(0, 2, 1, 3), v_BLKD.transpose(0, 2, 1, 3)
-        chunk = local // chunks
-        step = math.gcd(chunk, block)  # blocks never straddle two chunks
-        order = token_order(local * shards, shards, chunks)
-        window = window.astype(jnp.int32)
-        if strategy == "ring":
-            shifts = ring_shifts(shards, chunks, chunk, static_window)
-            out, row_max = _ring_attention(q, k, v, segments, segments, window, shards, order, shifts, step)
-        else:
-            gather = functools.partial(jax.lax.all_gather, axis_name=SEQUENCE_AXIS, tiled=True)
-            q_tokens = _shard_tokens(jax.lax.axis_index(SEQUENCE_AXIS), local, order)
-            out, row_max = blockwise_attention(q, gather(k, axis=2), gather(v, axis=2), segments,
-                                               gather(segments, axis=1), q_tokens, jnp.asarray(order), window,
-                                               step)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(batch, local, heads, head_dim)
-        return out, jax.lax.pmax(jnp.max(jax.lax.stop_gradient(row_max)), axis_names)
-
-    return body
-
-
-def context_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, segment_ids_BL: jax.Array,
-                      window: int | jax.Array, *, strategy: str, block: int) -> tuple[jax.Array, jax.Array]:
-    """(attention output, the largest attended score) with queries, keys and values sharded along the
-    `sequence` axis of the active mesh: `dot_product_attention` under the current layout's token order.
-
-    A window given as a Python int lets the ring skip the steps it rules out.
-    """
-    if strategy not in STRATEGIES[1:]:
-        raise ShardingError(f"model.context_parallel={strategy!r}: expected one of {STRATEGIES[1:]}")
-    mesh, rules = sharding_rules.active_mesh_and_rules()
-    shards, chunks = mesh.shape[SEQUENCE_AXIS], chunks_per_shard()
-
-    def spec(names, shape):
-        return sharding_rules.logical_to_spec(names, rules, mesh, shape, drop_indivisible=True)
-
-    q_spec = spec(("act_batch", "act_length", "act_heads", "act_head_dim"), q_BLHD.shape)
-    k_spec = spec(("act_batch", "act_length", "act_kv_heads", "act_head_dim"), k_BLKD.shape)
-    seg_spec = PartitionSpec(q_spec[0], q_spec[1])
-    if q_spec[1] != SEQUENCE_AXIS:
-        raise ShardingError(f"mesh.rules.act_length shards the length as {q_spec[1]!r}; context parallelism "
-                            f"expected exactly {SEQUENCE_AXIS!r} (train.seq_len={q_BLHD.shape[1]})")
-    if q_spec[2] != k_spec[2]:
-        raise ShardingError(f"model.num_kv_heads={k_BLKD.shape[2]}: context parallelism expected the "
-                            f"key/value heads sharded like the query heads "
-                            f"({q_spec[2]!r}, not {k_spec[2]!r})")
-    token_order(q_BLHD.shape[1], shards, chunks)  # a ShardingError when the length does not divide
-    static_window = window if isinstance(window, int) else None
-    body = _local_attention(strategy, block, shards, chunks, static_window, tuple(mesh.axis_names))
-    sharded = jax.shard_map(body, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, seg_spec, PartitionSpec()),
-                            out_specs=(q_spec, PartitionSpec()), check_vma=False)
-    out, shard_max = sharded(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, jnp.asarray(window, jnp.int32))
-    return out, shard_max
