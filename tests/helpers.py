@@ -7,6 +7,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from plamo_jax.configuration import default_config, mesh_rules
+from plamo_jax.parallel import context
 from plamo_jax.parallel.rules import MESH_AXES, sharding_context
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.objectives.lm import LANGUAGE_MODELING, lm_loss_sums
@@ -43,15 +44,21 @@ def initial_host_params(config, seed: int = 0):
     return jax.device_get(state_lib.init_params(config.model, setup, seed=seed))
 
 
-def loss_and_grads(config, mesh, host_params, host_batch):
-    """(mean loss without z-loss, its gradients) of one batch on `mesh`, fetched to the host."""
+def loss_and_grads(config, mesh, host_params, host_batch, balanced: bool = False):
+    """(mean loss without z-loss, its gradients) of one batch on `mesh`, fetched to the host.
+
+    balanced: lay the batch out for context parallelism's causal balance, as the train step does.
+    """
     rules = mesh_rules(config)
     setup = state_lib.setup_model(config.model, mesh, rules)
     params = jax.device_put(host_params, setup.param_shardings)
     batch = jax.device_put(host_batch, state_lib.batch_sharding(mesh, rules))
 
     def loss(params, batch):
-        objective, sums = lm_loss_sums(setup.graphdef, params, batch, config.model, 0.0)
+        if balanced:
+            batch = context.lay_out_batch(batch, mesh.shape["sequence"])
+        with context.balanced_layout(balanced):
+            objective, sums = lm_loss_sums(setup.graphdef, params, batch, config.model, 0.0)
         return objective / sums["tokens"]
 
     with sharding_context(mesh, rules):

@@ -11,16 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import initial_host_params, mesh_of, random_batch, small_config
+from helpers import initial_host_params, loss_and_grads, mesh_of, random_batch, small_config
 from jax.sharding import NamedSharding, PartitionSpec
 
-from plamo_jax.configuration import mesh_rules, validate_config
+from plamo_jax.configuration import validate_config
 from plamo_jax.errors import ConfigError
 from plamo_jax.models.context_attention import context_attention
 from plamo_jax.parallel import context
 from plamo_jax.parallel.rules import DEFAULT_RULES, sharding_context
-from plamo_jax.train import state as state_lib
-from plamo_jax.train.objectives.lm import lm_loss_sums
 
 LENGTH = 64
 
@@ -34,25 +32,6 @@ def family_config(family: str):
         return small_config(family="hybrid", num_layers=4, attention_window=5, full_attention_layers=(3,),
                             ssm_chunk_size=4)
     return small_config(family="moe", num_experts=4, num_experts_per_token=2, expert_mlp_dim=32)
-
-
-def loss_and_grads(config, mesh, host_params, host_batch, balanced: bool):
-    """(mean loss, gradients) of one batch on `mesh`, the batch laid out as the train step does."""
-    rules = mesh_rules(config)
-    setup = state_lib.setup_model(config.model, mesh, rules)
-    params = jax.device_put(host_params, setup.param_shardings)
-    batch = jax.device_put(host_batch, state_lib.batch_sharding(mesh, rules))
-    shards = mesh.shape["sequence"]
-
-    def loss(params, batch):
-        if balanced:
-            batch = context.lay_out_batch(batch, shards)
-        with context.balanced_layout(balanced):
-            objective, sums = lm_loss_sums(setup.graphdef, params, batch, config.model, 0.0)
-        return objective / sums["tokens"]
-
-    with sharding_context(mesh, rules):
-        return jax.device_get(jax.jit(jax.value_and_grad(loss))(params, batch))
 
 
 _REFERENCES = {}

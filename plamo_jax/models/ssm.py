@@ -267,7 +267,7 @@ class MambaMixer(nnx.Module):
     def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
         z, x = self._project_in(x_BLD)
         weight = self.conv[...].astype(self.dtype)
-        sharded = sequence_shards() > 1
+        sharded = context.sequence_shards() > 1
         if sharded:
             x = causal_conv_sharded(x, weight, segment_ids_BL)
         else:
@@ -322,10 +322,6 @@ SEQUENCE_AXIS = context.SEQUENCE_AXIS
 def _active_mesh_and_rules():
     current = sharding_rules.active_mesh_and_rules()
     return (None, None) if current is None else current
-
-
-def sequence_shards() -> int:
-    return context.sequence_shards()
 
 
 def _spec(logical_axes):
