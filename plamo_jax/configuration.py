@@ -15,7 +15,7 @@ from plamo_jax.data.config import data_defaults
 from plamo_jax.errors import ConfigError
 from plamo_jax.models import registry
 from plamo_jax.models.decoder import REMAT_POLICIES
-from plamo_jax.parallel import context
+from plamo_jax.parallel import context, pipeline
 from plamo_jax.parallel.context import STRATEGIES as CONTEXT_STRATEGIES
 from plamo_jax.parallel.mesh import resolve_axis_sizes
 from plamo_jax.parallel.rules import DEFAULT_RULES, merge_rules
@@ -55,6 +55,12 @@ def _model_defaults() -> ml_collections.ConfigDict:
     # Lay each training batch out so that every sequence shard does the same causal attention work.
     m.context_load_balance = True
     m.scan_unroll = 1  # layers per scan iteration; 1 keeps compile time flat in depth
+    # Pipeline parallelism over mesh.stage (parallel/pipeline.py, models/pipelined_stack.py). gpipe: each
+    # stage holds consecutive blocks; circular: pipeline_repeats chunks per stage, a microbatch goes round
+    # the stages that many times (smaller bubble, needs microbatches >= stages).
+    m.pipeline_schedule = "gpipe"
+    m.pipeline_repeats = 1
+    m.pipeline_microbatches = 0  # 0 = as many as stages; the bubble is (S-1)/(repeats*M+S-1)
     # hybrid (PLaMo 2 / Samba)
     m.mamba_step = 2
     m.ssm_num_heads = 4
@@ -80,12 +86,14 @@ def _model_defaults() -> ml_collections.ConfigDict:
 def _mesh_defaults() -> ml_collections.ConfigDict:
     mesh = ml_collections.ConfigDict()
     # ICI (within a host or slice) sizes; one may be -1 to take the remaining devices.
+    mesh.stage = 1  # pipeline stages (model.pipeline_*); put dcn_stage across slow links
     mesh.data = -1
     mesh.fsdp = 1
     mesh.expert = 1
     mesh.sequence = 1
     mesh.tensor = 1
     # DCN (across slices / hosts) sizes multiply the ICI sizes; 1 = single slice.
+    mesh.dcn_stage = 1
     mesh.dcn_data = 1
     mesh.dcn_fsdp = 1
     # logical axis -> comma-separated mesh axes ("" = replicated); override any single key.
@@ -266,6 +274,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"a microbatch ({microbatch} sequences) divisible by data x fsdp x expert = {batch_shards}",
     )
     _require(t.seq_len > 0, "train.seq_len", t.seq_len, "a positive length")
+    _validate_pipeline(config, size, microbatch, batch_shards)
     sequence_chunks = size["sequence"] * (2 if context.load_balanced(m, size["sequence"]) else 1)
     _require(
         t.seq_len % sequence_chunks == 0,
@@ -294,7 +303,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     _require(o.clip_norm >= 0, "optimizer.clip_norm", o.clip_norm, ">= 0 (0 = no clipping)")
     _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, ">= 0")
     _require(0 < o.wsd_decay_fraction <= 1, "optimizer.wsd_decay_fraction", o.wsd_decay_fraction, "in (0, 1]")
-    _validate_rampup(t, batch_shards * t.microbatches)
+    pipeline_rows = (int(m.pipeline_microbatches) or size["stage"]) if size["stage"] > 1 else 1
+    _validate_rampup(t, batch_shards * t.microbatches * pipeline_rows)
     c = config.checkpoint
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "at least 1")
     for key in ("every_steps", "every_minutes", "keep_every"):
@@ -311,6 +321,27 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         config.optimizer.wsd_decay_shape,
         f"one of {WSD_DECAY_SHAPES}",
     )
+
+
+def _validate_pipeline(config: ml_collections.ConfigDict, size: dict[str, int], microbatch: int,
+                       batch_shards: int) -> None:
+    """Stages, schedule and microbatches that can work, checked at start (parallel/pipeline.py)."""
+    m, stages = config.model, size[pipeline.STAGE_AXIS]
+    _require(m.pipeline_schedule in pipeline.SCHEDULES, "model.pipeline_schedule", m.pipeline_schedule,
+             f"one of {pipeline.SCHEDULES}")
+    if stages == 1:
+        return
+    settings = pipeline.PipelineSettings.from_config(m)
+    plan = settings.plan(registry.get_family(m).num_blocks(m), stages, m.num_layers)
+    rules = mesh_rules(config)
+    pipeline.validate_rules(rules, stages)
+    _require(pipeline.STAGE_AXIS not in (rules["vocab"] or ()) or m.vocab_size % (size["tensor"] * stages) == 0, "model.vocab_size", m.vocab_size,
+             f"divisible by mesh.tensor x mesh.stage = {size['tensor'] * stages} (the stages split the "
+             "embedding and the LM head)")
+    rows = plan.microbatches * batch_shards
+    _require(microbatch % rows == 0, "train.global_batch_size", config.train.global_batch_size,
+             f"microbatches of {microbatch} sequences divisible by model.pipeline_microbatches x "
+             f"(data x fsdp x expert) = {plan.microbatches} x {batch_shards}")
 
 
 def _validate_rampup(t: ml_collections.ConfigDict, batch_multiple: int) -> None:

@@ -284,3 +284,20 @@ def test_context_parallel_strategies_order_and_gathered_keys_values():
     flash = memory.estimate_memory(context_config("ring", length, attention_impl="flash"), 8)
     assert flash.total == totals["ring"].total  # context parallelism runs the flash kernel regardless
     assert "ring" in next(item.note for item in flash.items if item.name.startswith("context parallel"))
+
+
+def test_pipeline_estimate_matches_xla():
+    """stage=4 x data=2, 8 microbatches, remat full: per-stage parameters are exactly XLA's arguments;
+    the microbatches in flight and the pipeline's buffers bring the total within the band of XLA's peak."""
+    config = small_config(remat="full", num_layers=8)
+    config.train.global_batch_size, config.train.seq_len = 32, 64
+    config.mesh.data, config.mesh.stage = 2, 4
+    config.model.pipeline_microbatches = 8
+    estimate = memory.estimate_memory(config, 8, host_kernels=True)
+    xla = memory.xla_memory(config, jax.devices()[:8])
+    assert state_arguments(estimate) == xla.argument
+    print(f"\npipeline stage=4: estimate {estimate.total:.0f} B vs XLA peak {xla.peak} B "
+          f"({estimate.total / xla.peak:.2f})")
+    assert LOW <= estimate.total / xla.peak <= HIGH, (estimate.table(), xla)
+    assert estimate.bytes_of("pipeline buffers") > 0
+    assert "11 pipeline iterations" in estimate.table()

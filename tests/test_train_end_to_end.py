@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pytest
 from helpers import make_train_iterator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -217,20 +218,21 @@ def test_preempting_one_host_stops_and_saves_on_all(tmp_path):
     assert saved and saved[-1] == read_metrics(tmp_path)[-1]["step"] < 500
 
 
-def test_mesh_that_replicates_the_batch_across_hosts_is_refused(tmp_path):
-    """2 hosts x 1 device with tensor=2: both hosts would need every row, but each reads half."""
-    result = subprocess.run(
-        two_host_command(
-            tmp_path, "--config.mesh.data=1", "--config.mesh.tensor=2", "--config.checkpoint.enabled=False"
-        ),
-        cwd=ROOT,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode != 0
-    assert "each process's devices hold 16 of the 16 batch rows" in result.stderr
+@pytest.mark.slow
+def test_pipeline_stages_on_two_processes_train_like_one(tmp_path):
+    """stage=2 outermost, so each of 2 processes x 4 devices holds one stage (activations cross the
+    processes over gloo, and both read the same rows) == 1 process x 8 devices, step by step."""
+    common = ["--config", "configs/tiny.py", "--config.train.steps=3", "--config.checkpoint.enabled=False",
+              "--config.mesh.stage=2", "--config.mesh.data=2", "--config.mesh.tensor=2",
+              "--config.model.pipeline_microbatches=4"]
+    run([*common, f"--config.train.output_dir={tmp_path / 'one'}"], devices=8)
+    run(["--processes", "2", "--devices-per-process", "4", "--", *common,
+         f"--config.train.output_dir={tmp_path / 'two'}"], launcher="launch/local_multiprocess.py")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
 
 
 def free_slurm_job_id() -> int:

@@ -41,6 +41,7 @@ from plamo_jax.models import kernels
 from plamo_jax.models.decoder import REMAT_POLICIES
 from plamo_jax.models.family import FamilySpec
 from plamo_jax.parallel import context as context_lib
+from plamo_jax.parallel.pipeline import STAGE_AXIS, PipelinePlan, PipelineSettings
 from plamo_jax.parallel.rules import MESH_AXES, Rules, logical_to_spec, sharding_context
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.run import Run, build_run
@@ -201,7 +202,7 @@ def shard_elements(shape: Sequence[int], logical_axes, layout: Layout, dropped: 
 class ParameterBytes:
     stored_bytes: float  # fp32 shards on one device (what parameters, grads and each Adam moment take)
     optimizer_bytes: float  # every optimizer state leaf on one device, plus the step and RNG key
-    block_stored_elements: float  # one scanned block's weights as stored on a device
+    block_stored_elements: float  # one scanned block's weights as stored on a device (of its stage's blocks)
     block_compute_elements: float  # one scanned block's weights as computed (batch axes gathered)
     embeddings_compute_elements: float  # the embedding and LM head as computed
     count: int
@@ -219,6 +220,7 @@ class _ParameterShard:
 def parameter_bytes(run: Run, layout: Layout, num_blocks: int) -> ParameterBytes:
     abstract_params, logical = run.setup.abstract_params, run.setup.logical_axes
     expert_axes = tuple(layout.rules.get("expert") or ())
+    local_blocks = num_blocks // layout.divisor("layers")  # pipeline stages hold their blocks only
 
     def shard(path, leaf, axes) -> _ParameterShard:
         # Weights are all-gathered over the axes that split the batch (FSDP), except that expert
@@ -240,8 +242,8 @@ def parameter_bytes(run: Run, layout: Layout, num_blocks: int) -> ParameterBytes
         stored_bytes=FP32_BYTES * sum(p.stored for p in leaves),
         optimizer_bytes=float(sum(jax.tree.leaves(opt_bytes))) + TRAIN_STATE_SCALAR_BYTES
         + nbytes(jax.tree.leaves(state_lib.abstract_guard(run.guard))),  # its windows, replicated
-        block_stored_elements=sum(p.stored for p in leaves if p.module == "blocks") / num_blocks,
-        block_compute_elements=sum(p.compute for p in leaves if p.module == "blocks") / num_blocks,
+        block_stored_elements=sum(p.stored for p in leaves if p.module == "blocks") / local_blocks,
+        block_compute_elements=sum(p.compute for p in leaves if p.module == "blocks") / local_blocks,
         embeddings_compute_elements=sum(p.compute for p in leaves if p.module in ("embed", "lm_head")),
         count=state_lib.parameter_count(abstract_params),
     )
@@ -506,6 +508,10 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
     tokens = batch * length
     local_cfg = local_model_config(m, family, layout)
     cp = context_parallel(m, layout, train.seq_len)
+    plan = pipeline_plan(m, layout, num_blocks)
+    if plan is not None:  # each iteration runs K blocks on one microbatch's rows
+        batch = -(-batch // plan.microbatches)
+        tokens = batch * length
     blocks = block_activations(family, local_cfg, batch, train.seq_len, layout.divisor("act_length"),
                                host_kernels, cp)
     saved = blocks.residuals[m.remat]
@@ -513,6 +519,20 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
     recompute = blocks.residuals["none"] - saved
     dispatch = family.dispatch_bytes(m, layout.divisor, tokens)
     dispatch_saved = dispatch if m.remat == "none" else 0.0
+    if plan is None:
+        kept = MemoryItem("activations saved for backward", num_blocks * (saved + carry + dispatch_saved),
+                          f"{num_blocks} blocks x ({format_bytes(saved)} residuals under remat {m.remat!r} + "
+                          f"{format_bytes(carry)} scan carry)")
+        pipeline_items = []
+    else:
+        kept, pipeline_items = pipeline_activation_items(plan, m.remat, saved + dispatch_saved, carry)
+        if plan.repeats > 1:  # the circular schedule regathers the stage's blocks (and their gradients)
+            regathered = 2 * FP32_BYTES * params.block_stored_elements * (num_blocks // plan.stages)
+            pipeline_items.append(MemoryItem("circular schedule's stage-major blocks", regathered,
+                                             "fp32 copy of this stage's blocks in stage-major order + its "
+                                             "gradient"))
+        recompute = blocks.residuals["none"] - saved if m.remat == "none" else \
+            plan.blocks_per_chunk * (blocks.residuals["none"] - saved) + (plan.blocks_per_chunk - 1) * carry
     # FSDP all-gathers one block's weights (in compute dtype) and reduce-scatters its fp32 gradients;
     # without FSDP only a bf16 cast is made, and fp32 weights are used in place.
     gathers = params.block_compute_elements > params.block_stored_elements
@@ -524,9 +544,8 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
     input_bytes = sum(batch_layout.dtype_of(key).itemsize for key in objective.batch_keys) * examples * length
     items = [
         MemoryItem("input batch", input_bytes, f"{', '.join(batch_layout.FIELDS)} per sequence"),
-        MemoryItem("activations saved for backward", num_blocks * (saved + carry + dispatch_saved),
-                   f"{num_blocks} blocks x ({format_bytes(saved)} residuals under remat {m.remat!r} + "
-                   f"{format_bytes(carry)} scan carry)"),
+        kept,
+        *pipeline_items,
     ]
     if blocks.family_part and family.memory_part is not None:
         where = "saved in every block" if m.remat == "none" else "part of the working set"
@@ -537,9 +556,11 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
                                 f"one block, {layout.divisor('expert')} expert shards; "
                                 + ("saved in every block" if m.remat == "none" else "working set"),
                                 counted=m.remat != "none"))
+    unit = "one block" if plan is None or m.remat == "none" else \
+        f"one iteration's {plan.blocks_per_chunk} blocks"
     items += [
         MemoryItem("block recompute + backward working set", recompute + blocks.cotangents,
-                   f"one block: recomputed residuals {format_bytes(recompute)} + cotangents "
+                   f"{unit}: recomputed residuals {format_bytes(recompute)} + cotangents "
                    f"{format_bytes(blocks.cotangents)}"),
     ]
     if cp.active:
@@ -554,6 +575,40 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
         MemoryItem("logits and cross entropy", logits, "fp32 logits + fp32 dlogits (+ cast) + final norm"),
     ]
     return items
+
+
+def pipeline_plan(model_cfg: ml_collections.ConfigDict, layout: Layout, num_blocks: int) -> PipelinePlan | None:
+    stages = int(layout.mesh.shape.get(STAGE_AXIS, 1))
+    return None if stages == 1 else PipelineSettings.from_config(model_cfg).plan(num_blocks, stages,
+                                                                                  model_cfg.num_layers)
+
+
+def pipeline_activation_items(plan: PipelinePlan, remat: str, block_saved: float,
+                              microbatch_carry: float) -> tuple[MemoryItem, list[MemoryItem]]:
+    """What the pipeline keeps (models/pipelined_stack.py), per device, on one microbatch's rows.
+
+    Every stage runs at every one of the R*M+S-1 iterations (the bubble's runs are discarded but traced
+    alike), so each device keeps the residuals of all iterations, the first stage no more than the last:
+    without remat, every block's residuals and input; with remat (per iteration), the stage input plus
+    what the policy saves of its K blocks. The stream of M microbatch activations (replicated over the
+    stages) and its cotangent live through the step, next to the held, output and rolled stage buffers.
+    """
+    k = plan.blocks_per_chunk
+    if remat == "none":
+        per_iteration = k * (block_saved + microbatch_carry)
+        what = f"{k} blocks x ({format_bytes(block_saved)} residuals + {format_bytes(microbatch_carry)} input)"
+    else:
+        per_iteration = k * block_saved + microbatch_carry
+        what = (f"stage input {format_bytes(microbatch_carry)} + {k} blocks x {format_bytes(block_saved)} "
+                f"saved under remat {remat!r}")
+    kept = MemoryItem("activations saved for backward", plan.iterations * per_iteration,
+                      f"{plan.iterations} pipeline iterations (S={plan.stages}, M={plan.microbatches}, "
+                      f"R={plan.repeats}) x ({what}), one microbatch each")
+    stream = 2 * plan.microbatches * microbatch_carry
+    buffers = MemoryItem("pipeline buffers", stream + 3 * microbatch_carry,
+                         f"stream of {plan.microbatches} microbatches + its cotangent, "
+                         "held / output / rolled stage activations")
+    return kept, [buffers]
 
 
 # ------------------------------------------------------------------------------------- XLA's view

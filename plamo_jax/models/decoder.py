@@ -8,6 +8,8 @@ not grow with depth. Families with `cached_decoding` also decode token by token 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,6 +17,8 @@ from flax import nnx
 
 from plamo_jax.models import registry
 from plamo_jax.models.layers import RMSNorm, normal, param
+from plamo_jax.models.pipelined_stack import pipelined_stack
+from plamo_jax.parallel import pipeline
 from plamo_jax.parallel.rules import MESH_AXES, constrain
 
 UNSHARDED = {axis: 1 for axis in MESH_AXES}
@@ -35,6 +39,8 @@ class Decoder(nnx.Module):
         self.num_blocks = family.num_blocks(cfg)
         self.remat_policy = cfg.remat
         self.scan_unroll = cfg.scan_unroll
+        self.num_layers = cfg.num_layers
+        self.pipeline = pipeline.PipelineSettings.from_config(cfg)
         self.embed = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
         block_class = family.block
 
@@ -68,22 +74,35 @@ class Decoder(nnx.Module):
             )
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
-    def __call__(self, input_ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array):
-        x = self.embed_tokens(input_ids_BL)
+    def run_blocks(self, blocks: nnx.Module, x_BLD, segment_ids_BL, positions_BL, block_indices,
+                   remat: bool = True) -> tuple[jax.Array, dict]:
+        """Scan `blocks` (stacked along their first axis) over x: (x, per-block aux stacked)."""
 
         def apply_block(block, x_BLD, block_index):
             return block(x_BLD, segment_ids_BL, positions_BL, block_index)
 
-        policy = REMAT_POLICIES[self.remat_policy]
-        if self.remat_policy != "none":
-            apply_block = nnx.remat(apply_block, policy=policy)
+        if remat and self.remat_policy != "none":
+            apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.remat_policy])
 
         @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), unroll=self.scan_unroll)
         def run_stack(x_BLD, block, block_index):
             x_BLD, aux = apply_block(block, x_BLD, block_index)
             return x_BLD, aux
 
-        x, aux_per_block = run_stack(x, self.blocks, jnp.arange(self.num_blocks))
+        return run_stack(x_BLD, blocks, block_indices)
+
+    def __call__(self, input_ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array):
+        x = self.embed_tokens(input_ids_BL)
+        stages = pipeline.stage_count()
+        plan = self.pipeline.plan(self.num_blocks, stages, self.num_layers) if stages > 1 else None
+        if plan is not None and x.shape[0] % plan.microbatches == 0:
+            # remat moves from each block to each pipeline iteration (models/pipelined_stack.py)
+            run = functools.partial(self.run_blocks, remat=False)
+            policy = "none" if self.remat_policy == "none" else REMAT_POLICIES[self.remat_policy]
+            x, aux_per_block = pipelined_stack(self.blocks, run, x, segment_ids_BL, positions_BL, plan, policy)
+        else:  # no stages, or a batch (an evaluation's) that the microbatches do not divide: XLA gathers
+            x, aux_per_block = self.run_blocks(self.blocks, x, segment_ids_BL, positions_BL,
+                                               jnp.arange(self.num_blocks))
         return self.logits(x), aux_per_block
 
     # --- cached decoding (families with FamilySpec.cached_decoding) -----------------------------------

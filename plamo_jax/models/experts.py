@@ -204,8 +204,10 @@ def sharded_moe(x_BLD, experts_BLK, weights_BLK, keep_BLK, gate_EDF, up_EDF, dow
             out = jax.lax.psum(out, mlp_axes)
         return out.reshape(local_batch, local_length, d_model)
 
+    # check_vma=False: under the pipeline's vmap over stages (spmd_axis_name="stage") the inputs vary over
+    # `stage` and the batching rule adds it to the specs, which the replication check does not see.
     return jax.shard_map(
         body, mesh=mesh,
         in_specs=(token_spec, token_spec, token_spec, token_spec, up_spec, up_spec, down_spec),
-        out_specs=token_spec,
+        out_specs=token_spec, check_vma=False,
     )(x_BLD, experts_BLK, weights_BLK, keep_BLK, gate_EDF, up_EDF, down_EFD)

@@ -18,19 +18,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from plamo_jax.errors import ShardingError
 
-MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "expert", "sequence", "tensor")  # outermost: slowest links
 
 # Parameters use plain names; activations use `act_*` names so that, e.g., the model dimension of
 # a weight can be FSDP-sharded while the model dimension of an activation stays whole.
 DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
     # parameters
-    "vocab": ("tensor",),
+    # the stages split the embedding and the LM head too, so none holds or computes all of them
+    "vocab": ("tensor", "stage"),
     "embed": ("fsdp",),
     "mlp": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "head_dim": None,
-    "layers": None,
+    "layers": ("stage",),  # pipeline stages hold consecutive scanned blocks
     "norm": None,
     "expert": ("expert",),
     "ssm_heads": ("tensor",),
@@ -45,7 +46,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
     "act_kv_heads": ("tensor",),
     "act_head_dim": None,
     "act_mlp": ("tensor",),
-    "act_vocab": ("tensor",),
+    "act_vocab": ("tensor", "stage"),
+    "act_stage": ("stage",),  # the stage dimension of the pipeline's buffers
     "act_expert": ("expert",),
     "act_ssm_heads": ("tensor",),
 }

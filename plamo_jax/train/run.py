@@ -83,7 +83,9 @@ class Run(ModelRun):
         return jax.jit(
             step,
             in_shardings=(self.state_shardings, self.batch_sharding, frozen_shardings),
-            out_shardings=(self.state_shardings, None),
+            # metrics replicated: per-block norms follow the blocks' `stage` sharding otherwise, which
+            # a host cannot fetch when the stages span hosts
+            out_shardings=(self.state_shardings, state_lib.replicated(self.mesh)),
             donate_argnums=0,
         )
 
@@ -137,17 +139,26 @@ class Run(ModelRun):
         factor = self.objective.flops_factor_of(self.config)
         return train_flops_per_token(self.config.model, t.seq_len, factor)
 
-    def check_process_rows(self) -> None:
-        """Each process must feed exactly the rows its devices hold (the batch axes span the processes)."""
+    @property
+    def data_shard(self) -> tuple[int, int]:
+        """(index, count) of this process's share of every batch (processes along `stage` share one)."""
         t = self.config.train
+        return state_lib.data_shard_of_process(self.batch_sharding, t.global_batch_size, t.seq_len)
+
+    def check_process_rows(self) -> None:
+        """Each process must feed exactly the rows its devices hold (the batch axes span the processes,
+        or processes holding the same rows, e.g. pipeline stages on different hosts, read the same share)."""
+        t = self.config.train
+        _, shards = self.data_shard
         for size in sorted(set(self.ramp.sizes if self.ramp is not None else ()) | {t.global_batch_size}):
             held = state_lib.rows_per_process(self.batch_sharding, size, t.seq_len)
-            per_process = size // jax.process_count()
-            if held != per_process or size % jax.process_count():
+            per_process = size // shards
+            if held != per_process or size % shards:
                 raise ConfigError(
                     f"config section mesh: each process's devices hold {held} of the {size} batch rows, but "
-                    f"each of the {jax.process_count()} processes reads {per_process}; expected the batch "
-                    "axes (data x fsdp x expert) to split every global batch across processes"
+                    f"each of the {shards} data shards of {jax.process_count()} processes reads {per_process}; "
+                    "expected the batch axes (data x fsdp x expert) to split every global batch across the "
+                    "processes that do not share a pipeline stage's rows"
                 )
 
 

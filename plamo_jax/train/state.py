@@ -136,6 +136,16 @@ def rows_per_process(sharding: NamedSharding, global_batch_size: int, seq_len: i
     return len(rows)
 
 
+def data_shard_of_process(sharding: NamedSharding, global_batch_size: int, seq_len: int) -> tuple[int, int]:
+    """(index, count) of the data shard this process reads: processes whose devices hold the same rows
+    (pipeline stages, or tensor axes, across hosts) read the same shard; shards go by their first row."""
+    rows_of: dict[int, set[int]] = {}
+    for device, index in sharding.devices_indices_map((global_batch_size, seq_len)).items():
+        rows_of.setdefault(device.process_index, set()).update(range(*index[0].indices(global_batch_size)))
+    groups = sorted({min(rows) for rows in rows_of.values()})
+    return groups.index(min(rows_of[jax.process_index()])), len(groups)
+
+
 def global_batch(local_batch: dict, sharding: NamedSharding, global_batch_size: int) -> dict:
     """Host-local rows -> global jax.Arrays laid out for the mesh (each host passes only its rows)."""
 

@@ -225,9 +225,9 @@ def log_run_summary(run: Run) -> None:
 
 def make_data(run: Run):
     config, t = run.config, run.config.train
+    shard, shards = run.data_shard
     data = run.objective.make_iterator(config.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                                       seed=t.seed, process_index=jax.process_index(),
-                                       process_count=jax.process_count(),
+                                       seed=t.seed, process_index=shard, process_count=shards,
                                        batch_sizes=run.global_batch_at if run.ramp is not None else None)
     if data.tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(
