@@ -61,6 +61,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
     m.pipeline_schedule = "gpipe"
     m.pipeline_repeats = 1
     m.pipeline_microbatches = 0  # 0 = as many as stages; the bubble is (S-1)/(repeats*M+S-1)
+    # Also checkpoint each pipeline iteration: the backward keeps only stage inputs across iterations
+    # (not every block's), for one more forward pass of each stage.
+    m.pipeline_remat_iterations = False
     # hybrid (PLaMo 2 / Samba)
     m.mamba_step = 2
     m.ssm_num_heads = 4
@@ -335,8 +338,10 @@ def _validate_pipeline(config: ml_collections.ConfigDict, size: dict[str, int], 
     plan = settings.plan(registry.get_family(m).num_blocks(m), stages, m.num_layers)
     rules = mesh_rules(config)
     pipeline.validate_rules(rules, stages)
-    _require(pipeline.STAGE_AXIS not in (rules["vocab"] or ()) or m.vocab_size % (size["tensor"] * stages) == 0, "model.vocab_size", m.vocab_size,
-             f"divisible by mesh.tensor x mesh.stage = {size['tensor'] * stages} (the stages split the "
+    vocab_shards = size["tensor"] * stages
+    split_vocab = pipeline.STAGE_AXIS in (rules["vocab"] or ())
+    _require(not split_vocab or m.vocab_size % vocab_shards == 0, "model.vocab_size", m.vocab_size,
+             f"divisible by mesh.tensor x mesh.stage = {vocab_shards} (the stages split the "
              "embedding and the LM head)")
     rows = plan.microbatches * batch_shards
     _require(microbatch % rows == 0, "train.global_batch_size", config.train.global_batch_size,

@@ -14,6 +14,8 @@ from helpers import mesh_of, random_batch, small_config
 from plamo_jax.configuration import mesh_rules, validate_config
 from plamo_jax.convert.hf import checkpoint_to_hf
 from plamo_jax.errors import ConfigError
+from plamo_jax.estimate.aot import collectives, inside_loops
+from plamo_jax.models import pipelined_stack
 from plamo_jax.parallel.pipeline import PipelineSettings
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import checkpoint as ckpt
@@ -21,6 +23,7 @@ from plamo_jax.train import guards
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.objectives.lm import LANGUAGE_MODELING, lm_loss_sums
 from plamo_jax.train.optimizer import make_optimizer
+from plamo_jax.train.run import build_run
 from plamo_jax.train.step import accumulate_gradients, make_train_step
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
@@ -116,7 +119,7 @@ def assert_step_matches(family, mesh_sizes, **pipeline):
 
 # The default run keeps the dense GPipe case (the suite's 30-minute budget); `-m slow` runs the rest.
 FAST = [
-    ("dense", dict(stage=2), {}),
+    ("dense", dict(stage=2), dict(remat="full", pipeline_remat_iterations=True)),
     pytest.param("hybrid", dict(stage=2), dict(pipeline_schedule="circular", pipeline_repeats=2),
                  marks=pytest.mark.slow),
     pytest.param("moe", dict(stage=2, expert=2, data=2), {}, marks=pytest.mark.slow),
@@ -125,8 +128,10 @@ MESHES = {
     "stage4": (dict(stage=4), {}),
     "stage2_fsdp2_tensor2": (dict(stage=2, fsdp=2, tensor=2), {}),
     "stage2_data2_sequence2_ring": (dict(stage=2, data=2, sequence=2), dict(context_parallel="ring")),
-    "circular_stage2_repeats2_m4_remat": (dict(stage=2), dict(pipeline_schedule="circular", pipeline_repeats=2,
-                                                             pipeline_microbatches=4, remat="full")),
+    "circular_stage2_repeats2_m4_remat": (dict(stage=2), dict(
+        pipeline_schedule="circular", pipeline_repeats=2, pipeline_microbatches=4, remat="full",
+        pipeline_remat_iterations=True)),
+    "stage2_save_dots": (dict(stage=2, data=4), dict(remat="save_dots")),
     "circular_stage4_repeats2_data2": (dict(stage=4, data=2),
                                        dict(pipeline_schedule="circular", pipeline_repeats=2)),
 }
@@ -235,3 +240,28 @@ def test_checkpoints_do_not_depend_on_the_stage_count(tmp_path):
     assert exported
     for name in exported:
         assert (tmp_path / "hf_staged" / name).read_bytes() == (tmp_path / "hf_plain" / name).read_bytes()
+
+
+def loop_reduction_bytes(config, mesh_sizes) -> float:
+    """Bytes that the compiled train step all-reduces or reduce-scatters once per loop iteration."""
+    config.mesh.update({"data": 1, **mesh_sizes})
+    run = build_run(config, jax.devices())
+    with sharding_context(run.mesh, run.rules):
+        lowered = run.step.lower(run.abstract_state(), run.abstract_batch(), run.abstract_frozen())
+        text = lowered.compile().as_text()
+    return sum(c.bytes for c in collectives(inside_loops(text)) if c.kind in ("all-reduce", "reduce-scatter"))
+
+
+def test_weight_gradients_are_reduced_over_data_once_per_step(monkeypatch):
+    """With one weight copy per data shard no iteration reduces weight gradients (only activations
+    cross); with a shared copy every iteration all-reduces them (the contrast shows the test can fail)."""
+    config = family_config("dense", pipeline_microbatches=4)
+    config.train.global_batch_size = 16
+    block_bytes = 4 * sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(
+        state_lib.abstract_model(config.model)[1]["blocks"])) / 8  # one of the 8 blocks, fp32
+    with_copies = loop_reduction_bytes(config, dict(stage=2, data=4))
+    monkeypatch.setattr(pipelined_stack, "data_copies", lambda *args: 1)
+    shared = loop_reduction_bytes(config, dict(stage=2, data=4))
+    print(f"\nreduced per iteration: {with_copies:.0f} B with copies, {shared:.0f} B shared; "
+          f"one block's weights {block_bytes:.0f} B")
+    assert with_copies < block_bytes <= shared

@@ -281,6 +281,32 @@ def collectives(hlo_text: str) -> tuple[Collective, ...]:
     return tuple(Collective(kind, count, size) for kind, (count, size) in found.items() if count)
 
 
+def inside_loops(hlo_text: str) -> str:
+    """The text of the computations a `while` loop runs (its bodies and what they call, transitively):
+    `collectives(inside_loops(text))` are the collectives paid once per iteration."""
+    computations: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+        if header and line.rstrip().endswith("{"):
+            current = header.group(1)
+            computations[current] = []
+        elif current is not None:
+            computations[current].append(line)
+    called = {name: set(re.findall(r"%([\w.\-]+)", " ".join(
+        re.findall(r"(?:body|condition|calls|to_apply|branch_computations)=(\{[^}]*\}|%[\w.\-]+)",
+                   "\n".join(lines)))))
+        for name, lines in computations.items()}
+    pending = list(set(re.findall(r"body=%([\w.\-]+)", hlo_text)))
+    reached: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name not in reached:
+            reached.add(name)
+            pending.extend(called.get(name, ()))
+    return "\n".join(line for name in sorted(reached) for line in computations.get(name, ()))
+
+
 # ------------------------------------------------------------------------------------------- report
 
 

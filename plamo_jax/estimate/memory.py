@@ -9,6 +9,10 @@
 - the peak working set of one block's backward (its recomputed residuals + cotangents), FSDP's
   gathered weights of one block, the embedding / LM head in compute layout, logits and the loss,
   the MoE all-to-all buffers of expert parallelism, gradient accumulation and the input batch;
+- under pipeline parallelism (mesh.stage > 1): one stage's parameters (the rules shard the blocks and
+  the vocabulary over `stage`), the residuals of all R*M+S-1 iterations on one microbatch's rows, the
+  stream of microbatches, the circular schedule's regathered blocks and the per-data-shard weight copies
+  (`pipeline_activation_items`);
 - under context parallelism (mesh.sequence > 1, `model.context_parallel`), what one attention layer's
   strategy holds on top: gathered keys and values at full length (all_gather) or one block in flight
   around the ring (ring), and the flash kernel's block x block temporaries.
@@ -41,7 +45,7 @@ from plamo_jax.models import kernels
 from plamo_jax.models.decoder import REMAT_POLICIES
 from plamo_jax.models.family import FamilySpec
 from plamo_jax.parallel import context as context_lib
-from plamo_jax.parallel.pipeline import STAGE_AXIS, PipelinePlan, PipelineSettings
+from plamo_jax.parallel.pipeline import STAGE_AXIS, PipelinePlan, PipelineSettings, data_copies
 from plamo_jax.parallel.rules import MESH_AXES, Rules, logical_to_spec, sharding_context
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.run import Run, build_run
@@ -434,7 +438,9 @@ def module_residuals(parts, x, ids, policy) -> list[jax.ShapeDtypeStruct]:
 
 def megatron_estimate(run: Run, layout: Layout) -> MegatronEstimate | None:
     """Fujii et al.'s formula (bf16 activations, flash attention, sequence parallel), for the families
-    it describes (dense decoders)."""
+    it describes (dense decoders). With p pipeline stages: L/p layers per device and, as for 1F1B's
+    first stage, p microbatches in flight of L/p layers each (the embedding and head split p ways, as
+    our rules split them)."""
     config = run.config
     m = config.model
     if not run.family.megatron_formula:
@@ -443,12 +449,15 @@ def megatron_estimate(run: Run, layout: Layout) -> MegatronEstimate | None:
     h, ffn, layers, vocab = m.d_model, m.mlp_dim, m.num_layers, m.vocab_size
     a, k = m.num_heads, m.num_kv_heads
     t, c, d = shape["tensor"], shape["sequence"], shape["fsdp"]
+    p = shape.get(STAGE_AXIS, 1)
+    plan = pipeline_plan(m, layout, run.family.num_blocks(m))
     seq = config.train.seq_len
     b = config.train.global_batch_size // config.train.microbatches // layout.divisor("act_batch")
-    psi = layers * ((2 * h * h + 2 * h * h * k / a + 3 * h * ffn) / t + 2 * h)
-    psi += vocab * h / t * (1 if m.tie_embeddings else 2) + h
+    b //= plan.microbatches if plan is not None else 1
+    psi = layers / p * ((2 * h * h + 2 * h * h * k / a + 3 * h * ffn) / t + 2 * h)
+    psi += vocab * h / (t * p) * (1 if m.tie_embeddings else 2) + h
     activations = seq * b * h * (12 + 4 * k / a + 8 * ffn / h) / (t * c) * layers
-    logits = (4 + 2) * seq * b * vocab / t
+    logits = (4 + 2) * seq * b * vocab / (t * p)
     communicators = COMMUNICATOR_BYTES * sum(1 for size in shape.values() if size > 1)
     return MegatronEstimate(psi, 16 * psi / d, activations, logits, communicators)
 
@@ -525,14 +534,20 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
                           f"{format_bytes(carry)} scan carry)")
         pipeline_items = []
     else:
-        kept, pipeline_items = pipeline_activation_items(plan, m.remat, saved + dispatch_saved, carry)
+        # inside the pipeline save_dots keeps what full keeps (pipelined_stack.iteration_policy)
+        block_saved = saved + dispatch_saved if m.remat == "none" else 0.0
+        kept, pipeline_items = pipeline_activation_items(plan, block_saved, carry)
+        stage_blocks = FP32_BYTES * params.block_stored_elements * (num_blocks // plan.stages)
         if plan.repeats > 1:  # the circular schedule regathers the stage's blocks (and their gradients)
-            regathered = 2 * FP32_BYTES * params.block_stored_elements * (num_blocks // plan.stages)
-            pipeline_items.append(MemoryItem("circular schedule's stage-major blocks", regathered,
+            pipeline_items.append(MemoryItem("circular schedule's stage-major blocks", 2 * stage_blocks,
                                              "fp32 copy of this stage's blocks in stage-major order + its "
                                              "gradient"))
-        recompute = blocks.residuals["none"] - saved if m.remat == "none" else \
-            plan.blocks_per_chunk * (blocks.residuals["none"] - saved) + (plan.blocks_per_chunk - 1) * carry
+        copies = data_copies(dict(layout.mesh.shape), layout.rules, family.rows_independent,
+                             rows * layout.divisor("act_batch") // train.microbatches // plan.microbatches)
+        if copies > 1:
+            pipeline_items.append(MemoryItem("pipeline weight copies per data shard", 2 * stage_blocks,
+                                             f"this shard's fp32 copy of the stage's blocks ({copies} data "
+                                             "shards) + its gradient, reduced once after the loop"))
     # FSDP all-gathers one block's weights (in compute dtype) and reduce-scatters its fp32 gradients;
     # without FSDP only a bf16 cast is made, and fp32 weights are used in place.
     gathers = params.block_compute_elements > params.block_stored_elements
@@ -556,11 +571,9 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
                                 f"one block, {layout.divisor('expert')} expert shards; "
                                 + ("saved in every block" if m.remat == "none" else "working set"),
                                 counted=m.remat != "none"))
-    unit = "one block" if plan is None or m.remat == "none" else \
-        f"one iteration's {plan.blocks_per_chunk} blocks"
     items += [
         MemoryItem("block recompute + backward working set", recompute + blocks.cotangents,
-                   f"{unit}: recomputed residuals {format_bytes(recompute)} + cotangents "
+                   f"one block: recomputed residuals {format_bytes(recompute)} + cotangents "
                    f"{format_bytes(blocks.cotangents)}"),
     ]
     if cp.active:
@@ -577,38 +590,43 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
     return items
 
 
-def pipeline_plan(model_cfg: ml_collections.ConfigDict, layout: Layout, num_blocks: int) -> PipelinePlan | None:
+def pipeline_plan(model_cfg: ml_collections.ConfigDict, layout: Layout,
+                  num_blocks: int) -> PipelinePlan | None:
     stages = int(layout.mesh.shape.get(STAGE_AXIS, 1))
-    return None if stages == 1 else PipelineSettings.from_config(model_cfg).plan(num_blocks, stages,
-                                                                                  model_cfg.num_layers)
+    settings = PipelineSettings.from_config(model_cfg)
+    return None if stages == 1 else settings.plan(num_blocks, stages, model_cfg.num_layers)
 
 
-def pipeline_activation_items(plan: PipelinePlan, remat: str, block_saved: float,
+def pipeline_activation_items(plan: PipelinePlan, block_saved: float,
                               microbatch_carry: float) -> tuple[MemoryItem, list[MemoryItem]]:
     """What the pipeline keeps (models/pipelined_stack.py), per device, on one microbatch's rows.
 
     Every stage runs at every one of the R*M+S-1 iterations (the bubble's runs are discarded but traced
     alike), so each device keeps the residuals of all iterations, the first stage no more than the last:
-    without remat, every block's residuals and input; with remat (per iteration), the stage input plus
-    what the policy saves of its K blocks. The stream of M microbatch activations (replicated over the
-    stages) and its cotangent live through the step, next to the held, output and rolled stage buffers.
+    per iteration its K blocks' inputs and what model.remat saves of them, or with
+    model.pipeline_remat_iterations only the stage input, the K blocks' share then being recomputed
+    during one iteration's backward. The stream of M microbatch activations (replicated over the stages)
+    and its cotangent live through the step, next to the held, output and rolled stage buffers.
     """
     k = plan.blocks_per_chunk
-    if remat == "none":
-        per_iteration = k * (block_saved + microbatch_carry)
-        what = f"{k} blocks x ({format_bytes(block_saved)} residuals + {format_bytes(microbatch_carry)} input)"
+    stage_blocks = k * (block_saved + microbatch_carry)
+    shape = (f"{plan.iterations} pipeline iterations (S={plan.stages}, M={plan.microbatches}, "
+             f"R={plan.repeats})")
+    if plan.remat_iterations:
+        kept = MemoryItem("activations saved for backward", plan.iterations * microbatch_carry,
+                          f"{shape} x {format_bytes(microbatch_carry)} stage input, one microbatch each")
+        extra = [MemoryItem("pipeline iteration recompute", stage_blocks,
+                            f"one iteration's {k} blocks recomputed: inputs + saved residuals")]
     else:
-        per_iteration = k * block_saved + microbatch_carry
-        what = (f"stage input {format_bytes(microbatch_carry)} + {k} blocks x {format_bytes(block_saved)} "
-                f"saved under remat {remat!r}")
-    kept = MemoryItem("activations saved for backward", plan.iterations * per_iteration,
-                      f"{plan.iterations} pipeline iterations (S={plan.stages}, M={plan.microbatches}, "
-                      f"R={plan.repeats}) x ({what}), one microbatch each")
+        kept = MemoryItem("activations saved for backward", plan.iterations * stage_blocks,
+                          f"{shape} x {k} blocks x ({format_bytes(block_saved)} residuals + "
+                          f"{format_bytes(microbatch_carry)} input), one microbatch each")
+        extra = []
     stream = 2 * plan.microbatches * microbatch_carry
     buffers = MemoryItem("pipeline buffers", stream + 3 * microbatch_carry,
                          f"stream of {plan.microbatches} microbatches + its cotangent, "
                          "held / output / rolled stage activations")
-    return kept, [buffers]
+    return kept, [buffers, *extra]
 
 
 # ------------------------------------------------------------------------------------- XLA's view

@@ -8,16 +8,15 @@ not grow with depth. Families with `cached_decoding` also decode token by token 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from plamo_jax.models import registry
 from plamo_jax.models.layers import RMSNorm, normal, param
-from plamo_jax.models.pipelined_stack import pipelined_stack
+from plamo_jax.models.pipelined_stack import BLOCK_INPUT, pipelined_stack
 from plamo_jax.parallel import pipeline
 from plamo_jax.parallel.rules import MESH_AXES, constrain
 
@@ -41,6 +40,7 @@ class Decoder(nnx.Module):
         self.scan_unroll = cfg.scan_unroll
         self.num_layers = cfg.num_layers
         self.pipeline = pipeline.PipelineSettings.from_config(cfg)
+        self.rows_independent = family.rows_independent
         self.embed = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
         block_class = family.block
 
@@ -74,14 +74,15 @@ class Decoder(nnx.Module):
             )
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
-    def run_blocks(self, blocks: nnx.Module, x_BLD, segment_ids_BL, positions_BL, block_indices,
-                   remat: bool = True) -> tuple[jax.Array, dict]:
+    def run_blocks(self, blocks: nnx.Module, x_BLD, segment_ids_BL, positions_BL,
+                   block_indices) -> tuple[jax.Array, dict]:
         """Scan `blocks` (stacked along their first axis) over x: (x, per-block aux stacked)."""
 
         def apply_block(block, x_BLD, block_index):
-            return block(x_BLD, segment_ids_BL, positions_BL, block_index)
+            # the name lets the pipeline's iteration checkpoint keep block inputs (pipelined_stack.py)
+            return block(checkpoint_name(x_BLD, BLOCK_INPUT), segment_ids_BL, positions_BL, block_index)
 
-        if remat and self.remat_policy != "none":
+        if self.remat_policy != "none":
             apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.remat_policy])
 
         @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), unroll=self.scan_unroll)
@@ -96,10 +97,9 @@ class Decoder(nnx.Module):
         stages = pipeline.stage_count()
         plan = self.pipeline.plan(self.num_blocks, stages, self.num_layers) if stages > 1 else None
         if plan is not None and x.shape[0] % plan.microbatches == 0:
-            # remat moves from each block to each pipeline iteration (models/pipelined_stack.py)
-            run = functools.partial(self.run_blocks, remat=False)
-            policy = "none" if self.remat_policy == "none" else REMAT_POLICIES[self.remat_policy]
-            x, aux_per_block = pipelined_stack(self.blocks, run, x, segment_ids_BL, positions_BL, plan, policy)
+            x, aux_per_block = pipelined_stack(self.blocks, self.run_blocks, x, segment_ids_BL, positions_BL,
+                                               plan, self.remat_policy, self.pipeline.remat_iterations,
+                                               self.rows_independent)
         else:  # no stages, or a batch (an evaluation's) that the microbatches do not divide: XLA gathers
             x, aux_per_block = self.run_blocks(self.blocks, x, segment_ids_BL, positions_BL,
                                                jnp.arange(self.num_blocks))

@@ -76,6 +76,9 @@ class FamilySpec:
     default_hf_format: cfg -> the format exported when none is named.
     final_norm_offset: the final RMSNorm stores scale - offset (PLaMo 2 stores deltas from 1).
     megatron_formula: whether Fujii et al.'s dense formula applies as a second opinion on memory.
+    rows_independent: whether a block treats batch rows independently (MoE routes, balances and caps
+        over the whole token set: no); the pipeline then keeps one weight copy per data shard
+        (models/pipelined_stack.py `data_copies`).
     cached_decoding: whether blocks decode with a KV cache: `block.init_cache(batch, max_length)` and
         `block.extend(x_BTD, positions_BT, start, cache, key_valid_BS, block_index) -> (x_BTD, cache)`
         (`decoder.Decoder.init_cache` / `extend`); generation re-runs the whole buffer per token otherwise.
@@ -97,6 +100,7 @@ class FamilySpec:
     default_hf_format: Callable[[ModelConfig], str] | None = None
     final_norm_offset: float = 0.0
     megatron_formula: bool = False
+    rows_independent: bool = True
     cached_decoding: bool = False
 
     def num_blocks(self, cfg: ModelConfig) -> int:

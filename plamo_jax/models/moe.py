@@ -246,6 +246,7 @@ MOE = FamilySpec(
     dispatch_bytes=dispatch_bytes,
     hf_formats=("mixtral", "qwen3_moe"),
     default_hf_format=default_hf_format,
+    rows_independent=False,  # routing statistics and expert capacity span the whole token set
     cached_decoding=True,
 )
 

@@ -380,8 +380,10 @@ def causal_conv_sharded(x_BLHP, weight_KHP, segment_ids_BL):
             outs.append(causal_conv(x_h, w, seg_h, history, history_segments))
         return jnp.concatenate(outs, axis=1)
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, w_spec, seg_spec), out_specs=x_spec)(
-        x_BLHP, weight_KHP, segment_ids_BL)
+    # check_vma=False: under the pipeline's vmaps (spmd_axis_name "stage", "data") the batching rule adds
+    # those axes to the specs, which the replication check does not follow (models/pipelined_stack.py)
+    return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, w_spec, seg_spec), out_specs=x_spec,
+                         check_vma=False)(x_BLHP, weight_KHP, segment_ids_BL)
 
 
 def ssd_sharded(x_BLHP, dt_BLH, A_H, B_BLN, C_BLN, segment_ids_BL, *, chunk_size: int):
@@ -418,4 +420,4 @@ def ssd_sharded(x_BLHP, dt_BLH, A_H, B_BLN, C_BLN, segment_ids_BL, *, chunk_size
         return jnp.concatenate(outs, axis=1)
 
     return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, dt_spec, a_spec, bc_spec, bc_spec, seg_spec),
-                         out_specs=x_spec)(x_BLHP, dt_BLH, A_H, B_BLN, C_BLN, segment_ids_BL)
+                         out_specs=x_spec, check_vma=False)(x_BLHP, dt_BLH, A_H, B_BLN, C_BLN, segment_ids_BL)

@@ -24,6 +24,7 @@ from plamo_jax.errors import ConfigError
 from plamo_jax.parallel import rules as sharding_rules
 
 STAGE_AXIS = "stage"
+DATA_AXIS = "data"
 SCHEDULES = ("gpipe", "circular")
 # act_stage: the stage dimension of the pipeline's buffers; act_vocab: the LM head's logits, split over
 # the stages so that no stage holds or computes the whole head (see the README's pipeline section).
@@ -42,6 +43,7 @@ class PipelinePlan:
     microbatches: int  # M
     repeats: int  # R
     blocks_per_chunk: int  # K: consecutive blocks a stage runs per visit of a microbatch
+    remat_iterations: bool = False
 
     @property
     def iterations(self) -> int:
@@ -63,8 +65,8 @@ class PipelinePlan:
         [s, r, k] (canonical block (r * S + s) * K + k). For R = 1 this is the identity: contiguous
         sharding of the blocks over `stage` already puts each stage's blocks on its devices.
         """
-        s, r, k = np.meshgrid(np.arange(self.stages), np.arange(self.repeats), np.arange(self.blocks_per_chunk),
-                              indexing="ij")
+        s, r, k = np.meshgrid(np.arange(self.stages), np.arange(self.repeats),
+                              np.arange(self.blocks_per_chunk), indexing="ij")
         return ((r * self.stages + s) * self.blocks_per_chunk + k).reshape(-1)
 
     def passes(self, iteration) -> np.ndarray:
@@ -79,16 +81,18 @@ class PipelineSettings:
     schedule: str = "gpipe"
     repeats: int = 1
     microbatches: int = 0  # 0 = as many as stages
+    remat_iterations: bool = False  # checkpoint each iteration too (models/pipelined_stack.py)
 
     @classmethod
     def from_config(cls, model_cfg: ml_collections.ConfigDict) -> PipelineSettings:
         return cls(model_cfg.pipeline_schedule, int(model_cfg.pipeline_repeats),
-                   int(model_cfg.pipeline_microbatches))
+                   int(model_cfg.pipeline_microbatches), bool(model_cfg.pipeline_remat_iterations))
 
     def plan(self, num_blocks: int, stages: int, num_layers: int) -> PipelinePlan:
         """The schedule of `num_blocks` scanned blocks over `stages`; ConfigError naming the key."""
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"config key model.pipeline_schedule={self.schedule!r}: expected one of {SCHEDULES}")
+            raise ConfigError(f"config key model.pipeline_schedule={self.schedule!r}: "
+                              f"expected one of {SCHEDULES}")
         if self.repeats < 1 or (self.schedule == "gpipe" and self.repeats != 1):
             raise ConfigError(f"config key model.pipeline_repeats={self.repeats}: expected "
                               + ("1 for model.pipeline_schedule='gpipe' (repeats need 'circular')"
@@ -99,9 +103,29 @@ class PipelineSettings:
                               f"{stages} pipeline stages (mesh.stage x mesh.dcn_stage), or 0 for as many")
         if num_blocks % (stages * self.repeats):
             raise ConfigError(
-                f"config key model.num_layers={num_layers}: its {num_blocks} scanned blocks are not divisible "
-                f"by stages x repeats = {stages} x {self.repeats} (mesh.stage, model.pipeline_repeats)")
-        return PipelinePlan(stages, microbatches, self.repeats, num_blocks // (stages * self.repeats))
+                f"config key model.num_layers={num_layers}: its {num_blocks} scanned blocks are not "
+                f"divisible by stages x repeats = {stages} x {self.repeats} "
+                "(mesh.stage, model.pipeline_repeats)")
+        return PipelinePlan(stages, microbatches, self.repeats, num_blocks // (stages * self.repeats),
+                            self.remat_iterations)
+
+
+def data_copies(mesh_shape: dict[str, int], rules: sharding_rules.Rules, rows_independent: bool,
+                microbatch_rows: int) -> int:
+    """How many copies of the stage weights, one per shard of the `data` axis, the loop runs with.
+
+    A weight that the data shards share gets its gradient reduced over them where it is computed: in
+    the loop, once per iteration (XLA does not move the reduction out). With one copy per data shard
+    (their dimension sharded over `data`, each shard's rows under a `vmap` over it) every copy's gradient
+    stays local through the loop, and the one reduction is the transpose of the broadcast, after it.
+    Only for families whose blocks treat rows independently (MoE routes over the whole token set), when
+    `data` leads the batch rule and splits a microbatch's rows evenly.
+    """
+    shards = mesh_shape.get(DATA_AXIS, 1)
+    batch_axes = rules.get("act_batch") or ()
+    if not rows_independent or shards == 1 or not batch_axes or batch_axes[0] != DATA_AXIS:
+        return 1
+    return shards if microbatch_rows % shards == 0 else 1
 
 
 def validate_rules(rules: sharding_rules.Rules, stages: int) -> None:

@@ -156,7 +156,8 @@ class Run(ModelRun):
             if held != per_process or size % shards:
                 raise ConfigError(
                     f"config section mesh: each process's devices hold {held} of the {size} batch rows, but "
-                    f"each of the {shards} data shards of {jax.process_count()} processes reads {per_process}; "
+                    f"each of the {shards} data shards of {jax.process_count()} processes reads "
+                    f"{per_process}; "
                     "expected the batch axes (data x fsdp x expert) to split every global batch across the "
                     "processes that do not share a pipeline stage's rows"
                 )
