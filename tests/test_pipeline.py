@@ -16,7 +16,7 @@ from plamo_jax.convert.hf import checkpoint_to_hf
 from plamo_jax.errors import ConfigError
 from plamo_jax.estimate.aot import collectives, inside_loops
 from plamo_jax.models import pipelined_stack
-from plamo_jax.parallel.pipeline import PipelineSettings
+from plamo_jax.parallel.pipeline import PipelinePlan, PipelineSettings
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import checkpoint as ckpt
 from plamo_jax.train import guards
@@ -177,6 +177,14 @@ def test_each_device_holds_only_its_stage():
     assert {shard.data.shape[0] for shard in blocks.addressable_shards} == {2}  # 8 blocks / 4 stages
     norms = sum(leaf.nbytes for leaf in jax.tree.leaves(params["final_norm"]))  # replicated, tiny
     assert set(per_device.values()) == {(total - norms) // 4 + norms}
+
+
+def test_schedule_arithmetic():
+    """Stage-major order puts block (r*S+s)*K+k at [s, r, k]; the bubble is (S-1)/(R*M+S-1)."""
+    plan = PipelinePlan(stages=2, microbatches=4, repeats=2, blocks_per_chunk=2)
+    assert plan.stage_major_order().reshape(2, 2, 2).tolist() == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
+    assert plan.iterations == 9 and plan.bubble_fraction == 1 / 9
+    assert PipelinePlan(4, 4, 1, 2).stage_major_order().tolist() == list(range(8))  # GPipe: contiguous
 
 
 @pytest.mark.parametrize("overrides,mesh,message", [

@@ -69,10 +69,6 @@ class PipelinePlan:
                               np.arange(self.blocks_per_chunk), indexing="ij")
         return ((r * self.stages + s) * self.blocks_per_chunk + k).reshape(-1)
 
-    def passes(self, iteration) -> np.ndarray:
-        """Pass index i = t - s of every stage at `iteration` (valid when 0 <= i < R * M)."""
-        return iteration - np.arange(self.stages)
-
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSettings:
