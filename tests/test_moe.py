@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import Mesh
+from helpers import mesh_of
 
 from plamo_jax.configuration import default_config, load_recipe
 from plamo_jax.errors import ConfigError
@@ -188,10 +188,10 @@ def loss_and_grads(model, ids):
     return loss, logits, aux, nnx.state(grads)
 
 
-MESHES = {  # data, fsdp, expert, sequence, tensor
-    "expert4_data2": (2, 1, 4, 1, 1),
-    "expert2_tensor2_fsdp2": (1, 2, 2, 1, 2),
-    "expert4_sequence2": (1, 1, 4, 2, 1),
+MESHES = {
+    "expert4_data2": dict(expert=4, data=2),
+    "expert2_tensor2_fsdp2": dict(expert=2, tensor=2, fsdp=2),
+    "expert4_sequence2": dict(expert=4, sequence=2),
 }
 
 
@@ -211,7 +211,7 @@ def test_expert_parallel_matches_single_device(mesh_name, capacity_factor):
     if capacity_factor:
         assert 0 < float(jnp.mean(expected[2]["dropped_fraction"])) < 0.5
 
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(MESHES[mesh_name]), rules.MESH_AXES)
+    mesh = mesh_of(**MESHES[mesh_name])
     with rules.sharding_context(mesh, rules.DEFAULT_RULES):
         assert "all_to_all" in str(jax.make_jaxpr(lambda m: loss_and_grads(m, ids))(model))
         got = nnx.jit(loss_and_grads)(model, ids)
@@ -234,7 +234,7 @@ def test_expert_parallel_layer_forward_and_grad():
 
     step = nnx.jit(nnx.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
     expected = step(layer, x_BLD)
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(MESHES["expert4_data2"]), rules.MESH_AXES)
+    mesh = mesh_of(**MESHES["expert4_data2"])
     with rules.sharding_context(mesh, rules.DEFAULT_RULES):
         assert "all_to_all" in str(jax.make_jaxpr(lambda x: layer(x))(x_BLD))
         got = step(layer, x_BLD)
@@ -249,7 +249,7 @@ def test_local_path_under_mesh_without_expert_axis():
     layer = moe.MoEMLP(cfg, rngs=nnx.Rngs(2))
     x_BLD = jax.random.normal(jax.random.key(0), (4, 6, cfg.d_model))
     expected, _ = apply(layer, x_BLD)
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 1, 1, 1, 2), rules.MESH_AXES)
+    mesh = mesh_of(data=4, tensor=2)
     with rules.sharding_context(mesh, rules.DEFAULT_RULES):
         got, _ = nnx.jit(lambda m, x: m(x))(layer, x_BLD)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-6, rtol=1e-5)
@@ -291,7 +291,7 @@ def test_experts_sharded_but_tokens_not_is_an_error():
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
     cfg = moe_cfg()
     layer = moe.MoEMLP(cfg, rngs=nnx.Rngs(0))
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 4, 1, 1), rules.MESH_AXES)
+    mesh = mesh_of(data=2, expert=4)
     table = rules.merge_rules({"act_batch": "data"})
     with rules.sharding_context(mesh, table), pytest.raises(ValueError, match="mesh.rules.act_batch"):
         jax.eval_shape(lambda x: layer(x), jnp.zeros((4, 2, cfg.d_model)))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import mesh_of
 
 from plamo_jax.configuration import default_config
 from plamo_jax.convert import hf, mixtral, qwen3_moe
@@ -151,14 +152,10 @@ def test_overrides_reject_unmappable_fields():
 @pytest.mark.parametrize("fmt, qk_norm", [("mixtral", False), ("qwen3_moe", True)])
 def test_driver_round_trip(tmp_path, fmt, qk_norm):
     """hf.export_hf then hf.import_hf (the conversion driver) gives back the parameters and config."""
-    from jax.sharding import Mesh
-
-    from plamo_jax.parallel import rules
-
     cfg = tiny_moe_cfg(qk_norm, tie=False, softmax_before_topk=True, renormalize=not qk_norm)
     params = random_params(cfg)
     hf.export_hf(params, cfg, tmp_path / "hf", fmt=fmt, dtype="float32")
-    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1, 1), rules.MESH_AXES)
+    mesh = mesh_of(data=1)
     imported, config = hf.import_hf(tmp_path / "hf", default_config(), list(mesh.devices.flat))
     for key in ("family", "num_experts", "num_experts_per_token", "expert_mlp_dim", "router_renormalize",
                 "qk_norm", "tie_embeddings", "rope_theta"):

@@ -266,7 +266,7 @@ def test_slurm_environment_starts_the_hosts_like_the_sbatch_script(tmp_path):
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [process.communicate(timeout=600) for process in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
-    assert "mesh {'data': 2," in outputs[0][1]  # one mesh over both processes' devices
+    assert "mesh {'stage': 1, 'data': 2," in outputs[0][1]  # one mesh over both processes' devices
     one, slurm = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "slurm")
     assert len(one) == len(slurm) == 3
     for a, b in zip(one, slurm, strict=True):
