@@ -49,7 +49,8 @@ def resolve_axis_sizes(
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, expert, sequence, tensor); tensor is innermost (fastest links)."""
+    """A mesh with axes (stage, data, fsdp, expert, sequence, tensor): stage outermost (pipeline stages
+    across the slowest links), tensor innermost (fastest links)."""
     devices = list(devices if devices is not None else jax.devices())
     ici, dcn = resolve_axis_sizes(mesh_cfg, len(devices))
     ici_shape = [ici[a] for a in MESH_AXES]
