@@ -34,7 +34,9 @@ from plamo_jax.estimate import aot  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 ARGUMENT_RATIO = (0.4, 1.0)
 TINY_PEAK_RATIO = (0.5, 5.0)
-LLAMA_PEAK_RATIO = (1.0, 1.6)  # issue 12 measured 1.35 with libtpu 0.0.42.1
+# The estimate errs high under full remat (tests/test_memory_estimate.py's band is 0.75-2.0): 1.35 with
+# libtpu 0.0.42.1 until the flash kernel's masks stopped being hoisted out of the layer scan, 1.93 since.
+LLAMA_PEAK_RATIO = (1.0, 2.0)
 
 CASES = {
     "dense fsdp": ("configs/tiny.py", "v5p:2x2x1", {"data": 1, "fsdp": 4}),
@@ -141,7 +143,7 @@ def test_a_step_too_big_for_hbm_exits_1():
 
 @pytest.mark.slow
 def test_llama3_8b_on_v5p_64_is_within_the_band():
-    """About 3 minutes and 2.6 GiB of host memory here (2 cores): peak 18.57 GiB, estimate 25.01 GiB."""
+    """About 3 minutes and 2.6 GiB of host memory here (2 cores): peak 12.93 GiB, estimate 25.01 GiB."""
     result = compile_case("configs/llama3_8b.py", "v5p:4x4x4", {})
     print(result.report())
     assert result.fits
