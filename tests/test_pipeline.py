@@ -19,7 +19,6 @@ from plamo_jax.models import pipelined_stack
 from plamo_jax.parallel.pipeline import PipelinePlan, PipelineSettings
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import checkpoint as ckpt
-from plamo_jax.train import guards
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.objectives.lm import LANGUAGE_MODELING, lm_loss_sums
 from plamo_jax.train.optimizer import make_optimizer
@@ -56,13 +55,7 @@ def step_on(config, mesh_sizes, host_params, host_batch):
     optimizer = make_optimizer(config.optimizer, config.train.steps)
     shardings = state_lib.state_shardings(setup, optimizer)
     params = jax.device_put(host_params, setup.param_shardings)
-    state = {
-        "step": jax.device_put(np.int32(0), shardings["step"]),
-        "params": params,
-        "opt_state": jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params),
-        "rng": jax.device_put(np.zeros(2, np.uint32), shardings["rng"]),
-        "guard": jax.device_put(guards.initial_state(state_lib.DEFAULT_GUARD), shardings["guard"]),
-    }
+    state = state_lib.init_state(config.model, setup, optimizer, seed=0, params=params)
     batch_sharding = state_lib.batch_sharding(mesh, rules)
     batch = jax.device_put(host_batch, batch_sharding)
 
