@@ -18,7 +18,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONSTRAINT_FLAG := $(if $(wildcard $(CONSTRAINTS)),-c $(CONSTRAINTS),)
 
-.PHONY: setup train test test-slow test-seqio lint bench clean
+.PHONY: setup train test test-slow test-seqio lint bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,26 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_data.py
+
+# The peer comparison (benchmarks/bench_peers.py): MaxText in a Python 3.12 venv of its own, the pinned
+# wheel plus its CPU requirement list (the one without Google Cloud clients) less the NVIDIA wheels,
+# on the jax of our 3.12 stack. Not run by CI.
+MAXTEXT_VENV ?= .venv-maxtext
+MAXTEXT_VERSION ?= 0.2.5
+MAXTEXT_JAX ?= 0.12.0.1
+MAXTEXT_REQUIREMENTS := dependencies/requirements/generated_requirements/decoupled-requirements.txt
+
+$(MAXTEXT_VENV)/.installed:
+	$(shell .ci/find-python 3.12) -m venv $(MAXTEXT_VENV)
+	$(MAXTEXT_VENV)/bin/python -m pip install --quiet maxtext==$(MAXTEXT_VERSION)
+	grep -vE '^(nvidia-|apache-tvm-ffi|jax>=|jaxlib>=)' \
+	  $(MAXTEXT_VENV)/lib/python3.12/site-packages/$(MAXTEXT_REQUIREMENTS) > $(MAXTEXT_VENV)/requirements.txt
+	$(MAXTEXT_VENV)/bin/python -m pip install --quiet -r $(MAXTEXT_VENV)/requirements.txt \
+	  jax==$(MAXTEXT_JAX) jaxlib==$(MAXTEXT_JAX)
+	touch $@
+
+bench-peers: setup $(MAXTEXT_VENV)/.installed
+	$(PY) benchmarks/bench_peers.py --maxtext-python $(MAXTEXT_VENV)/bin/python --profile
 
 clean:
 	rm -rf runs .pytest_cache

@@ -45,10 +45,10 @@ from plamo_jax.models.attention import attention_mask, dot_product_attention
 from plamo_jax.models.decoder import UNSHARDED, Decoder
 from plamo_jax.models.dense import DenseBlock
 from plamo_jax.models.family import FamilySpec
-from plamo_jax.models.fp8 import projection
 from plamo_jax.models.hybrid import HybridGroup
 from plamo_jax.models.layers import SwiGLU
 from plamo_jax.models.moe import MoEBlock, MoEMLP
+from plamo_jax.models.projection import projection
 from plamo_jax.models.ssm import causal_conv, document_index, ssd_chunked
 from plamo_jax.train import state as state_lib
 

@@ -10,8 +10,8 @@ from flax import nnx
 from plamo_jax.errors import ConfigError
 from plamo_jax.models.context_attention import context_attention
 from plamo_jax.models.flash_attention import flash_attention_with_max_logit
-from plamo_jax.models.fp8 import projection
 from plamo_jax.models.layers import RMSNorm, apply_rope, compute_dtype, normal, output_init_std, param
+from plamo_jax.models.projection import projection
 from plamo_jax.parallel import context
 from plamo_jax.parallel.rules import constrain
 

@@ -67,10 +67,3 @@ def fp8_einsum(subscripts: str, x: jax.Array, weight: jax.Array, dtype) -> jax.A
         preferred_element_type=jnp.float32,
     )
     return _gradient_in_e5m2(out).astype(dtype)
-
-
-def projection(subscripts: str, x: jax.Array, weight: jax.Array, dtype, fp8: bool) -> jax.Array:
-    """A weight matmul in the compute dtype, or in FP8 when the model's `fp8` is on."""
-    if fp8:
-        return fp8_einsum(subscripts, x, weight, dtype)
-    return jnp.einsum(subscripts, x.astype(dtype), weight.astype(dtype))

@@ -10,7 +10,7 @@ import ml_collections
 from flax import nnx
 
 from plamo_jax.errors import ConfigError
-from plamo_jax.models.fp8 import projection
+from plamo_jax.models.projection import projection
 from plamo_jax.parallel.rules import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]

@@ -22,8 +22,8 @@ import numpy as np
 from flax import nnx
 
 from plamo_jax.errors import ShardingError
-from plamo_jax.models.fp8 import projection
 from plamo_jax.models.layers import RMSNorm, constant, normal, param
+from plamo_jax.models.projection import projection
 from plamo_jax.parallel import context
 from plamo_jax.parallel import rules as sharding_rules
 from plamo_jax.parallel.rules import constrain
