@@ -35,10 +35,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from plamo_jax.data.sources import read_builtin_documents
 from plamo_jax.train import checkpoint as ckpt
+from plamo_jax.train import state as state_lib
 
 REPO = Path(__file__).resolve().parent.parent
 PRUNED_SHAPE = {"d_model": 96, "mlp_dim": 320, "num_heads": 2, "num_kv_heads": 1, "num_layers": 3}
@@ -75,16 +74,7 @@ def shape_flags(shape: dict) -> list[str]:
 
 
 def parameter_count(checkpoint: Path) -> int:
-    params, _ = ckpt.load_params(checkpoint)
-    return sum(int(np.size(leaf)) for leaf in _leaves(params))
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    else:
-        yield tree
+    return state_lib.parameter_count(ckpt.load_params(checkpoint)[0])
 
 
 def evaluate(checkpoint: Path, held_out: Path, work: Path, name: str, post_trained: bool) -> dict:

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
+from bench_train import synthetic_batch  # the sibling script (benchmarks/ is on sys.path)
 from jax.profiler import ProfileData
 
 from plamo_jax.configuration import default_config, finalize
@@ -80,13 +80,7 @@ def ours_step_times(shape: dict, batch: int, seq_len: int, steps: int, warmup: i
     config.train.global_batch_size, config.train.seq_len = batch, seq_len
     config.optimizer.warmup_steps = 1
     run = build_run(finalize(config))
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, shape["vocab_size"], (batch, seq_len + 1), dtype=np.int32)
-    host_batch = {"input_ids": tokens[:, :-1], "target_ids": tokens[:, 1:],
-                  "segment_ids": np.ones((batch, seq_len), np.int32),
-                  "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
-                  "loss_mask": np.ones((batch, seq_len), np.float32)}
-    device_batch = jax.device_put(host_batch, run.batch_sharding)
+    device_batch = jax.device_put(synthetic_batch(batch, seq_len, shape["vocab_size"]), run.batch_sharding)
     state = run.fresh_state()
     times = []
     with sharding_context(run.mesh, run.rules):
