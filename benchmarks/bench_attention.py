@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plamo_jax.models.attention import attention_mask, dot_product_attention
+from plamo_jax.models.attention import dot_product_attention
 from plamo_jax.models.flash_attention import flash_attention
+from plamo_jax.models.masks import attention_mask
 
 
 def measure(attend, length: int, heads: int, head_dim: int, repeats: int) -> tuple[float, int]:

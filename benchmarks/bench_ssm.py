@@ -16,7 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from plamo_jax.models.attention import attention_mask, dot_product_attention
+from plamo_jax.models.attention import dot_product_attention
+from plamo_jax.models.masks import attention_mask
 from plamo_jax.models.ssm import document_index, ssd_chunked, ssd_naive
 
 

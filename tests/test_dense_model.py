@@ -9,9 +9,10 @@ from helpers import mesh_of, random_batch, small_config
 
 from plamo_jax.configuration import mesh_rules
 from plamo_jax.estimate.memory import nbytes, residual_avals
-from plamo_jax.models.attention import attention_mask, dot_product_attention
+from plamo_jax.models.attention import dot_product_attention
 from plamo_jax.models.decoder import Decoder
 from plamo_jax.models.layers import apply_rope
+from plamo_jax.models.masks import attention_mask
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.losses import cross_entropy_sums
 from plamo_jax.train.objectives.lm import LanguageModeling, lm_loss_sums

@@ -10,13 +10,10 @@ from helpers import initial_host_params, loss_and_grads, mesh_of, random_batch, 
 
 from plamo_jax.configuration import load_recipe
 from plamo_jax.models import attention as attention_module
-from plamo_jax.models.attention import (
-    attention_mask,
-    dot_product_attention,
-    dot_product_attention_with_max_logit,
-)
+from plamo_jax.models.attention import dot_product_attention, dot_product_attention_with_max_logit
 from plamo_jax.models.decoder import Decoder
 from plamo_jax.models.flash_attention import flash_attention, flash_attention_with_max_logit
+from plamo_jax.models.masks import attention_mask
 
 
 def random_inputs(seed, batch=2, length=37, heads=4, kv_heads=2, head_dim=8):

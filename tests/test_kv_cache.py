@@ -13,8 +13,8 @@ from helpers import small_config
 
 from plamo_jax.evaluate.generate import Generator, Sampling, generate, generator_for
 from plamo_jax.models import registry
-from plamo_jax.models.attention import attention_mask, cached_attention_mask
 from plamo_jax.models.decoder import Decoder
+from plamo_jax.models.masks import attention_mask, cached_attention_mask
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.run import build_model
 

@@ -6,8 +6,8 @@ import pytest
 from helpers import mesh_of, random_batch, small_config
 
 from plamo_jax.configuration import mesh_rules
-from plamo_jax.models.attention import attention_mask
 from plamo_jax.models.flops import mean_attended_keys
+from plamo_jax.models.masks import attention_mask
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import flops as flops_lib
 from plamo_jax.train import state as state_lib

@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import SingleDeviceSharding
 
 from plamo_jax.estimate import aot
-from plamo_jax.models.attention import attention_mask, dot_product_attention
+from plamo_jax.models.attention import dot_product_attention
+from plamo_jax.models.masks import attention_mask
 from plamo_jax.models.splash_attention import splash_attention
 
 # fp32 throughout; splash's online softmax sums in a different order than the dense softmax.

@@ -41,12 +41,13 @@ from flax import nnx
 
 from plamo_jax.errors import ConfigError
 from plamo_jax.models import registry
-from plamo_jax.models.attention import attention_mask, dot_product_attention
+from plamo_jax.models.attention import dot_product_attention
 from plamo_jax.models.decoder import UNSHARDED, Decoder
 from plamo_jax.models.dense import DenseBlock
 from plamo_jax.models.family import FamilySpec
 from plamo_jax.models.hybrid import HybridGroup
 from plamo_jax.models.layers import SwiGLU
+from plamo_jax.models.masks import attention_mask
 from plamo_jax.models.moe import MoEBlock, MoEMLP
 from plamo_jax.models.projection import projection
 from plamo_jax.models.ssm import causal_conv, document_index, ssd_chunked

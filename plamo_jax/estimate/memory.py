@@ -41,6 +41,7 @@ from jax.sharding import AbstractMesh, Mesh
 
 from plamo_jax.data import batch as batch_layout
 from plamo_jax.errors import ConfigError
+from plamo_jax.models import attention as attention_lib
 from plamo_jax.models import kernels
 from plamo_jax.models.decoder import REMAT_POLICIES
 from plamo_jax.models.family import FamilySpec
@@ -166,6 +167,11 @@ def device_memory_bytes(device: str | None, memory_gib: float | None = None) -> 
         raise ConfigError(f"--device={device!r}: expected one of {sorted(DEVICE_MEMORY_GIB)} "
                           "or --device-memory-gib")
     return name, DEVICE_MEMORY_GIB[name] * GIB
+
+
+def device_platform(device_name: str) -> str:
+    """"tpu" for the TPU entries of DEVICE_MEMORY_GIB, else "gpu": whose kernels the estimate traces."""
+    return "tpu" if device_name.startswith("v") else "gpu"
 
 
 # ------------------------------------------------------------------------------------------ layout
@@ -330,21 +336,26 @@ class BlockActivations:
     family_part: float  # residuals of the family's own part (SSM mixers, MoE MLP) of a block (remat none)
 
 
-def traced_model_config(local_cfg: ml_collections.ConfigDict,
-                        cp: ContextParallel) -> ml_collections.ConfigDict:
-    """The model as its block is traced: under context parallelism attention always runs the flash
-    kernel with the strategy's block, whatever model.attention_impl says (the single-program path the
-    trace takes has no mesh, so it is told which kernel to use)."""
-    if not cp.active:
-        return local_cfg
+def traced_model_config(local_cfg: ml_collections.ConfigDict, cp: ContextParallel,
+                        length: int) -> ml_collections.ConfigDict:
+    """The model as its block is traced, with the attention kernel chosen for the platform being traced
+    for. Under context parallelism attention always runs the flash kernel with the strategy's block,
+    whatever model.attention_impl says (the single-program path the trace takes has no mesh, so it is
+    told which kernel to use). cuDNN's kernel cannot be traced without a GPU: flash stands in, with the
+    same residuals (output and log-normaliser)."""
     traced = ml_collections.ConfigDict(local_cfg.to_dict())
-    traced.attention_impl, traced.attention_block = "flash", cp.block
+    if cp.active:
+        traced.attention_impl, traced.attention_block = "flash", cp.block
+        return traced
+    impl = attention_lib.resolve_attention_impl(local_cfg.attention_impl, jnp.dtype(local_cfg.dtype),
+                                                local_cfg.head_dim, length)
+    traced.attention_impl = "flash" if impl == "cudnn" else impl
     return traced
 
 
 def block_activations(family: FamilySpec, local_cfg: ml_collections.ConfigDict, batch: int, length: int,
                       length_shards: int = 1, host_kernels: bool = False,
-                      cp: ContextParallel | None = None) -> BlockActivations:
+                      cp: ContextParallel | None = None, kernel_platform: str = "tpu") -> BlockActivations:
     """Residuals of one scanned block on one device's shapes, for each remat policy.
 
     With sequence parallelism each device keeps 1 / `length_shards` of every residual: the block is
@@ -354,18 +365,21 @@ def block_activations(family: FamilySpec, local_cfg: ml_collections.ConfigDict, 
     as XLA does) or along the sequence axis ("all_gather"), and those are added at full length. The
     ring gathers nothing: each shard keeps its own block (the one in flight is working set,
     `context_working_set`).
-    host_kernels: trace the MoE expert kernels this process would compile (the CPU fallback on a CPU
-    host), for comparing with a compile here; by default those that GPUs and TPUs run.
+    host_kernels: trace the kernels this process would compile (the MoE experts' CPU fallback on a CPU
+    host), for comparing with a compile here; by default those of `kernel_platform` ("gpu" or "tpu":
+    ragged grouped matmuls, and on GPU cuDNN attention where model.attention_impl=auto picks it).
     """
     cp = cp or ContextParallel("none", length_shards, local_cfg.attention_block)
-    traced_cfg = traced_model_config(local_cfg, cp)
+    traced = contextlib.nullcontext() if host_kernels else kernels.kernels_for(kernel_platform)
+    with traced:
+        traced_cfg = traced_model_config(local_cfg, cp, length)
     block = nnx.eval_shape(lambda: family.block(traced_cfg, rngs=nnx.Rngs(0)))
     x = jax.ShapeDtypeStruct((batch, length, local_cfg.d_model), jnp.dtype(local_cfg.dtype))
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     whole = [(block, lambda b, h, seg: b(h, seg, seg, jnp.int32(0))[0])]
     residuals, largest = {}, 0.0
     # By default trace the kernels GPUs / TPUs run (e.g. ragged grouped matmuls), not a CPU fallback.
-    traced = contextlib.nullcontext() if host_kernels else kernels.kernels_for("tpu")
+    traced = contextlib.nullcontext() if host_kernels else kernels.kernels_for(kernel_platform)
     with traced:
         for name, policy in REMAT_POLICIES.items():
             avals = module_residuals(whole, x, ids, policy)
@@ -493,14 +507,14 @@ def estimate_memory(config: ml_collections.ConfigDict, num_devices: int, *, devi
         items.append(MemoryItem("frozen parameters", frozen_bytes,
                                 f"{len(frozen)} frozen fp32 model(s) of train.objective="
                                 f"{run.objective.name!r} ({counts}), sharded by rules"))
-    items += activation_items(run, layout, params, num_blocks, host_kernels)
+    items += activation_items(run, layout, params, num_blocks, host_kernels, device_platform(device_name))
     mesh_sizes = {axis: int(layout.mesh.shape[axis]) for axis in MESH_AXES}
     return MemoryEstimate(config.get("name", "config"), num_devices, mesh_sizes, m.remat, tuple(items),
                           device_name, device_memory, megatron_estimate(run, layout))
 
 
 def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_blocks: int,
-                     host_kernels: bool) -> list[MemoryItem]:
+                     host_kernels: bool, kernel_platform: str = "tpu") -> list[MemoryItem]:
     """Everything that scales with the batch: inputs, residuals, working sets, logits.
 
     An objective that scores several sequences per example (DPO: chosen and rejected) runs them as
@@ -522,7 +536,7 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
         batch = -(-batch // plan.microbatches)
         tokens = batch * length
     blocks = block_activations(family, local_cfg, batch, train.seq_len, layout.divisor("act_length"),
-                               host_kernels, cp)
+                               host_kernels, cp, kernel_platform)
     saved = blocks.residuals[m.remat]
     carry = dtype_bytes * tokens * m.d_model  # the scan keeps every block's input
     recompute = blocks.residuals["none"] - saved

@@ -8,33 +8,47 @@ import ml_collections
 from flax import nnx
 
 from plamo_jax.errors import ConfigError
+from plamo_jax.models import kernels
 from plamo_jax.models.context_attention import context_attention
+from plamo_jax.models.cudnn_attention import (
+    CUDNN_AUTO_MAX_LENGTH,
+    cudnn_attention_with_max_logit,
+    cudnn_unsupported,
+)
 from plamo_jax.models.flash_attention import flash_attention_with_max_logit
 from plamo_jax.models.layers import RMSNorm, apply_rope, compute_dtype, normal, output_init_std, param
+from plamo_jax.models.masks import attention_mask, cached_attention_mask
 from plamo_jax.models.projection import projection
 from plamo_jax.parallel import context
 from plamo_jax.parallel.rules import constrain
 
 QK_NORM_KINDS = ("none", "shared", "per_head")
+# auto's choice off GPU (or past cuDNN's range): dense scores up to this length, flash beyond.
+AUTO_DENSE_MAX_LENGTH = 2048
 
 
-def attention_mask(segment_ids_BL: jax.Array, window: int | jax.Array = 0,
-                   tokens_L: jax.Array | None = None) -> jax.Array:
-    """[B, 1, L, L] boolean mask: causal, same document, and within `window` tokens when window > 0.
+def resolve_attention_impl(impl: str, dtype, head_dim: int, length: int) -> str:
+    """The kernel `impl` means for these shapes on the platform being traced for.
 
-    `window` may be a traced scalar (layers of a scanned stack can differ); 0 means unlimited.
-    tokens_L: each position's token index in the row when the layout permutes them (context
-    parallelism's load balancing); by default the positions in order.
+    auto: cuDNN's fused attention on GPU where it takes the inputs and the row is at most
+    CUDNN_AUTO_MAX_LENGTH tokens (models/cudnn_attention.py); otherwise dense scores for short rows and
+    flash attention (memory linear in length) for long ones. An explicit "cudnn" off GPU or on inputs
+    cuDNN does not take is a configuration error, named here rather than deep inside JAX.
     """
-    length = segment_ids_BL.shape[1]
-    tokens = jnp.arange(length) if tokens_L is None else jnp.asarray(tokens_L)
-    query = tokens[:, None]
-    key = tokens[None, :]
-    allowed = key <= query
-    window = jnp.asarray(window)
-    allowed = allowed & ((window <= 0) | (query - key < window))
-    same_document = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-    return (allowed[None] & same_document)[:, None]
+    platform = kernels.target_platform()
+    if impl == "auto":
+        cudnn_applies = cudnn_unsupported(dtype, head_dim) is None and length <= CUDNN_AUTO_MAX_LENGTH
+        if platform == "gpu" and cudnn_applies:
+            return "cudnn"
+        return "dense" if length <= AUTO_DENSE_MAX_LENGTH else "flash"
+    if impl == "cudnn":
+        if platform != "gpu":
+            raise ConfigError(f"config key model.attention_impl='cudnn': needs an NVIDIA GPU, tracing for "
+                              f"{platform}; expected auto, dense or flash here")
+        reason = cudnn_unsupported(dtype, head_dim)
+        if reason:
+            raise ConfigError(f"config key model.attention_impl='cudnn': {reason}")
+    return impl
 
 
 def dot_product_attention(
@@ -207,25 +221,17 @@ class Attention(nnx.Module):
         k = constrain(k, ("act_batch", None, "act_kv_heads", "act_head_dim"))
         v = constrain(v, ("act_batch", None, "act_kv_heads", "act_head_dim"))
         tokens = context.layout_tokens(x_BLD.shape[1])
-        if self.impl == "flash":
+        impl = resolve_attention_impl(self.impl, q.dtype, self.head_dim, x_BLD.shape[1])
+        if impl == "flash":
             attended, max_logit = flash_attention_with_max_logit(q, k, v, segment_ids_BL, window, self.block,
                                                                  tokens)
+        elif impl == "cudnn":
+            attended, max_logit = cudnn_attention_with_max_logit(q, k, v, segment_ids_BL, window, tokens)
         else:
             mask = attention_mask(segment_ids_BL, window, tokens)
             attended, max_logit = dot_product_attention_with_max_logit(q, k, v, mask)
         attended = constrain(attended, ("act_batch", None, "act_heads", "act_head_dim"))
         return self.project_out(attended), max_logit
-
-
-def cached_attention_mask(query_columns_T: jax.Array, key_valid_BS: jax.Array,
-                          window: int | jax.Array = 0) -> jax.Array:
-    """[B, 1, T, S] mask of T queries at cache columns `query_columns_T` over S cached columns: causal,
-    real keys only, and within `window` columns when window > 0 (a row's columns are consecutive positions).
-    """
-    distance_TS = query_columns_T[:, None] - jnp.arange(key_valid_BS.shape[1])[None, :]
-    window = jnp.asarray(window)
-    allowed_TS = (distance_TS >= 0) & ((window <= 0) | (distance_TS < window))
-    return (allowed_TS[None] & key_valid_BS[:, None, :])[:, None]
 
 
 class PerHeadRMSNorm(nnx.Module):
