@@ -18,7 +18,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONSTRAINT_FLAG := $(if $(wildcard $(CONSTRAINTS)),-c $(CONSTRAINTS),)
 
-.PHONY: setup train test test-slow test-seqio lint bench bench-peers clean
+.PHONY: setup train test test-slow test-seqio lint bench bench-peers gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,15 @@ $(MAXTEXT_VENV)/.installed:
 
 bench-peers: setup $(MAXTEXT_VENV)/.installed
 	$(PY) benchmarks/bench_peers.py --maxtext-python $(MAXTEXT_VENV)/bin/python --profile
+
+# Wheels for benchmarks/gpu_check.sh on a GPU machine without a package registry (Python 3.12, x86-64,
+# whose image has jax, CUDA and most of our needs but not these): saved to .whl/, which the script installs.
+GPU_WHEELS := grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 ml-collections==1.1.0 tensorboardX==2.6.5 \
+  flax==0.12.12 optax==0.2.8 orbax-checkpoint==0.12.8 tensorstore==0.1.86
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -23,6 +23,11 @@ def test_llama3_8b_parameter_count_is_published_value():
     assert count("llama3_8b") == 8_030_261_248
 
 
+def test_llama3_1b_parameter_count_is_published_value():
+    """meta-llama/Llama-3.2-1B: 1,235,814,400 parameters with the embedding tied to the LM head."""
+    assert count("llama3_1b") == 1_235_814_400
+
+
 def test_other_recipes_build():
     assert 95e6 < count("dense_100m") < 115e6
     assert 95e9 < count("plamo_100b_like") < 105e9
