@@ -52,28 +52,39 @@ def resolve_attention_impl(impl: str, dtype, head_dim: int, length: int) -> str:
 
 
 def dot_product_attention(
-    q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, mask_B1LL: jax.Array
+    q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_B1TS: jax.Array
 ) -> jax.Array:
     """Softmax attention in fp32; query head h reads KV head h // (H / K) (Llama / HF layout)."""
-    return dot_product_attention_with_max_logit(q_BLHD, k_BLKD, v_BLKD, mask_B1LL)[0]
+    return dot_product_attention_with_max_logit(q_BTHD, k_BSKD, v_BSKD, mask_B1TS)[0]
 
 
 def dot_product_attention_with_max_logit(
-    q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, mask_B1LL: jax.Array
+    q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_B1TS: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """(attention output, the largest scaled score any query attends to: what QK-norm bounds)."""
-    batch, length, num_heads, head_dim = q_BLHD.shape
-    num_kv_heads = k_BLKD.shape[2]
+    """(attention output, the largest scaled score any query attends to: what QK-norm bounds).
+
+    T queries over S keys (T == S in training, T new tokens over the cache in decoding). Heads come
+    first and each KV head's group of query heads is merged with the query rows, so both products are
+    plain batched matmuls over (batch, KV head) whose [rows, S] score operands XLA need not transpose:
+    with [b, q, k, g, d] operands XLA CPU copied the score-sized tensors transposed in the forward
+    and the backward (the dense attention of the 125.8M Llama shape of benchmarks/bench_peers.py took
+    1.7x as long per layer).
+    """
+    batch, q_len, num_heads, head_dim = q_BTHD.shape
+    kv_len, num_kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
     group = num_heads // num_kv_heads
-    q = q_BLHD.reshape(batch, length, num_kv_heads, group, head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k_BLKD, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim**-0.5)
-    allowed = mask_B1LL[:, :, None]
+    q_BKRD = (q_BTHD.reshape(batch, q_len, num_kv_heads, group, head_dim)
+              .transpose(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, group * q_len, head_dim))
+    k_BKSD, v_BKSD = k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkrd,bksd->bkrs", q_BKRD, k_BKSD, preferred_element_type=jnp.float32)
+    scores = scores.reshape(batch, num_kv_heads, group, q_len, kv_len) * (head_dim**-0.5)
+    allowed = mask_B1TS[:, :, None]
     max_logit = jnp.max(jnp.where(allowed, jax.lax.stop_gradient(scores), -jnp.inf))
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BLKD.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BLKD)
-    return out.reshape(batch, length, num_heads, head_dim), max_logit
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
+    out = jnp.einsum("bkrs,bksd->bkrd", probs.reshape(batch, num_kv_heads, group * q_len, kv_len), v_BKSD)
+    out = out.reshape(batch, num_kv_heads, group, q_len, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, q_len, num_heads, head_dim), max_logit
 
 
 class Attention(nnx.Module):
