@@ -14,6 +14,7 @@ import ml_collections
 from plamo_jax.data.config import data_defaults
 from plamo_jax.errors import ConfigError
 from plamo_jax.models import registry
+from plamo_jax.models.attention import splash_unsupported
 from plamo_jax.models.cudnn_attention import cudnn_unsupported
 from plamo_jax.models.decoder import REMAT_POLICIES
 from plamo_jax.parallel import context, pipeline
@@ -22,7 +23,7 @@ from plamo_jax.parallel.mesh import resolve_axis_sizes
 from plamo_jax.parallel.rules import DEFAULT_RULES, merge_rules
 from plamo_jax.train.optimizer import SCHEDULES, WSD_DECAY_SHAPES
 
-ATTENTION_IMPLS = ("auto", "dense", "flash", "cudnn")
+ATTENTION_IMPLS = ("auto", "dense", "flash", "cudnn", "splash")
 
 def _model_defaults() -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
@@ -47,8 +48,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
     m.remat = "none"  # none | save_dots | full
     # dense: one [L, L] score matrix per head (fastest for short sequences). flash: blockwise online
     # softmax with a hand-written backward, memory linear in the sequence (models/flash_attention.py).
-    # cudnn: cuDNN's fused attention, NVIDIA GPUs, bf16/fp16 (models/cudnn_attention.py). auto: cudnn on
-    # GPU where it applies, else dense up to 2048 tokens and flash beyond (models/attention.py).
+    # cudnn: cuDNN's fused attention, NVIDIA GPUs, bf16/fp16 (models/cudnn_attention.py). splash: the
+    # Pallas TPU kernel (models/splash_attention.py). auto: splash on TPU, cudnn on GPU where they apply,
+    # else dense up to 2048 tokens and flash beyond (models/attention.py).
     m.attention_impl = "dense"
     m.attention_block = 512  # flash: query / key block length
     # Context parallelism: how attention works when mesh.sequence > 1 (models/context_attention.py). none: the
@@ -261,10 +263,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     )
     _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
              f"one of {ATTENTION_IMPLS}")
-    if m.attention_impl == "cudnn":
-        reason = cudnn_unsupported(m.dtype, m.head_dim)
-        _require(reason is None, "model.attention_impl", m.attention_impl,
-                 f"auto, dense or flash for these shapes ({reason})")
+    reason = {"cudnn": lambda: cudnn_unsupported(m.dtype, m.head_dim),
+              "splash": lambda: splash_unsupported(m.dtype, t.seq_len, m.attention_block)}.get(
+        m.attention_impl, lambda: None)()
+    _require(reason is None, "model.attention_impl", m.attention_impl,
+             f"auto, dense or flash for these shapes ({reason})")
     _require(m.attention_block > 0, "model.attention_block", m.attention_block, "a positive block length")
     _require(m.context_parallel in CONTEXT_STRATEGIES, "model.context_parallel", m.context_parallel,
              f"one of {CONTEXT_STRATEGIES}")

@@ -12,7 +12,7 @@ from helpers import small_config
 from plamo_jax.configuration import validate_config
 from plamo_jax.errors import ConfigError
 from plamo_jax.estimate.memory import estimate_memory
-from plamo_jax.models import cudnn_attention, kernels
+from plamo_jax.models import attention_statistics, kernels
 from plamo_jax.models.attention import dot_product_attention_with_max_logit, resolve_attention_impl
 from plamo_jax.models.cudnn_attention import cudnn_attention_with_max_logit
 from plamo_jax.models.masks import attention_mask
@@ -72,8 +72,9 @@ def test_a_permuted_token_order_goes_into_the_mask():
 def test_max_logit_in_query_blocks_equals_one_block():
     q, k, _, segments, _ = random_inputs(5, length=48)
     mask = attention_mask(segments, 0)
-    whole = cudnn_attention._max_logit(q, k, mask, query_block=48)
-    np.testing.assert_allclose(cudnn_attention._max_logit(q, k, mask, query_block=16), whole, rtol=1e-6)
+    max_allowed_logit = attention_statistics.max_allowed_logit
+    whole = max_allowed_logit(q, k, mask, query_block=48)
+    np.testing.assert_allclose(max_allowed_logit(q, k, mask, query_block=16), whole, rtol=1e-6)
     _, dense = dot_product_attention_with_max_logit(q, k, q[:, :, :2], mask)
     np.testing.assert_allclose(whole, dense, rtol=1e-6)
 
@@ -85,7 +86,8 @@ def test_max_logit_in_query_blocks_equals_one_block():
     ("gpu", jnp.bfloat16, 12, 2048, "dense"),  # head_dim not a multiple of 8
     ("gpu", jnp.bfloat16, 64, 32768, "flash"),  # the document bias would be [B, 1, 32K, 32K]
     ("cpu", jnp.bfloat16, 64, 2048, "dense"),
-    ("tpu", jnp.bfloat16, 64, 4096, "flash"),
+    ("tpu", jnp.bfloat16, 64, 4096, "splash"),
+    ("tpu", jnp.float16, 64, 4096, "flash"),  # splash takes float32 and bfloat16
 ])
 def test_auto_picks_cudnn_on_gpu_where_it_applies(platform, dtype, head_dim, length, expected):
     with kernels.kernels_for(platform):
@@ -105,9 +107,9 @@ def test_explicit_cudnn_where_it_cannot_run_is_a_config_error():
         validate_config(config, 1)
 
 
-def test_the_estimate_of_cudnn_counts_flash_residuals():
-    """cuDNN saves what flash saves (output, log-normaliser): on a GPU device the estimate of cudnn and
-    of auto (which picks it) equals flash's; on a TPU, auto traces what the TPU would run."""
+def test_the_estimates_of_cudnn_and_splash_count_flash_residuals():
+    """cuDNN and splash save what flash saves (output, log-normaliser): on a GPU device the estimate of
+    cudnn and of auto (which picks it) equals flash's, on a TPU that of auto (splash) too; dense differs."""
     def total(impl, device="h100"):
         config = small_config(attention_impl=impl, dtype="bfloat16")
         config.train.seq_len = 256
@@ -116,4 +118,5 @@ def test_the_estimate_of_cudnn_counts_flash_residuals():
     flash = total("flash")
     assert total("cudnn") == flash
     assert total("auto") == flash
-    assert total("auto", device="v5p") == total("dense", device="v5p") != flash
+    on_tpu = [total(impl, device="v5p") for impl in ("auto", "splash", "dense")]
+    assert on_tpu[0] == on_tpu[1] == flash != on_tpu[2]

@@ -11,7 +11,7 @@ from helpers import mesh_of
 
 from plamo_jax.configuration import default_config, load_recipe
 from plamo_jax.errors import ConfigError
-from plamo_jax.models import experts, moe, registry
+from plamo_jax.models import experts, kernels, moe, registry
 from plamo_jax.models.decoder import Decoder
 from plamo_jax.parallel import rules
 
@@ -295,3 +295,29 @@ def test_experts_sharded_but_tokens_not_is_an_error():
     table = rules.merge_rules({"act_batch": "data"})
     with rules.sharding_context(mesh, table), pytest.raises(ValueError, match="mesh.rules.act_batch"):
         jax.eval_shape(lambda x: layer(x), jnp.zeros((4, 2, cfg.d_model)))
+
+
+def test_megablox_grouped_matmuls_equal_the_blocked_kernel_in_values_and_gradients():
+    """The TPU path (megablox gmm / tgmm, Pallas interpret mode here) against the CPU path: groups of
+    uneven sizes, an empty group, rows past the groups (unused), widths that are and are not 128-multiples."""
+    rng = np.random.default_rng(0)
+    experts_, d_model, width, rows = 4, 128, 96, 300
+    x = jnp.asarray(rng.standard_normal((rows, d_model)), jnp.float32)
+    gate, up = (jnp.asarray(rng.standard_normal((experts_, d_model, width)) * 0.1, jnp.float32) for _ in "gu")
+    down = jnp.asarray(rng.standard_normal((experts_, width, d_model)) * 0.1, jnp.float32)
+    group_sizes = jnp.asarray([70, 0, 130, 60], jnp.int32)  # 260 of 300 rows
+    used = (jnp.arange(rows) < 260)[:, None]
+    weights = jnp.asarray(rng.standard_normal((rows, d_model)), jnp.float32)
+
+    def loss(kernel):
+        return lambda x, g, u, d: jnp.sum(jnp.where(used, kernel(x, group_sizes, g, u, d), 0) * weights)
+
+    with kernels.pallas_interpret():
+        got = jax.value_and_grad(loss(experts.megablox_swiglu), argnums=(0, 1, 2, 3))(x, gate, up, down)
+    want = jax.value_and_grad(loss(experts.blocked_swiglu), argnums=(0, 1, 2, 3))(x, gate, up, down)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for name, ours, theirs in zip(("dx", "dgate", "dup", "ddown"), got[1], want[1], strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, err_msg=name)
+    with kernels.kernels_for("tpu"), kernels.pallas_interpret():  # TPU tracing picks it; unused rows are 0
+        np.testing.assert_allclose(experts.grouped_swiglu(x, group_sizes, gate, up, down),
+                                   experts.blocked_swiglu(x, group_sizes, gate, up, down), atol=1e-5)

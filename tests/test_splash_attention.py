@@ -1,5 +1,6 @@
-"""Pallas TPU splash attention == our dense attention (Pallas interpret mode on CPU), and it compiles
-for a TPU chip (with libtpu) as Mosaic kernels for the forward, dq and dk/dv passes."""
+"""Pallas TPU splash attention == our dense attention (Pallas interpret mode on CPU), kernel and whole
+model step under a mesh; auto picks it on TPU; and it compiles for a TPU chip (with libtpu) as Mosaic
+kernels for the forward, dq and dk/dv passes."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import initial_host_params, loss_and_grads, mesh_of, random_batch, small_config
 from jax.sharding import SingleDeviceSharding
 
+from plamo_jax.errors import ConfigError
 from plamo_jax.estimate import aot
-from plamo_jax.models.attention import dot_product_attention
+from plamo_jax.models import kernels
+from plamo_jax.models.attention import dot_product_attention, resolve_attention_impl
 from plamo_jax.models.masks import attention_mask
 from plamo_jax.models.splash_attention import splash_attention
 
@@ -71,3 +75,30 @@ def test_splash_compiles_for_a_tpu_chip():
 
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, segments).compile().as_text()
     assert text.count('custom_call_target="tpu_custom_call"') >= 3  # forward, dq, dk/dv kernels
+
+
+def test_a_model_step_with_splash_on_eight_devices_equals_dense_attention():
+    """model.attention_impl=splash (Pallas interpret mode) under a data x fsdp x tensor mesh of 8 simulated
+    devices, packed documents: the loss and every gradient equal the dense model's on one device."""
+    config = small_config(attention_impl="splash", num_heads=4, num_kv_heads=2, head_dim=128, d_model=64)
+    config.train.seq_len = 128
+    host_params = initial_host_params(config)
+    batch = random_batch(np.random.default_rng(0), 8, 128, config.model.vocab_size)
+    with kernels.kernels_for("tpu"), kernels.pallas_interpret():
+        loss, grads = loss_and_grads(config, mesh_of(data=2, fsdp=2, tensor=2), host_params, batch)
+    dense = small_config(attention_impl="dense", num_heads=4, num_kv_heads=2, head_dim=128, d_model=64)
+    dense.train.seq_len = 128
+    want_loss, want_grads = loss_and_grads(dense, mesh_of(jax.devices()[:1]), host_params, batch)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_auto_picks_splash_on_tpu_and_explicit_splash_elsewhere_is_a_config_error():
+    with kernels.kernels_for("tpu"):
+        assert resolve_attention_impl("auto", jnp.bfloat16, 128, 4096, 512) == "splash"
+        assert resolve_attention_impl("auto", jnp.bfloat16, 128, 1000, 512) == "dense"  # 1000 % 512
+        with pytest.raises(ConfigError, match="multiple of model.attention_block"):
+            resolve_attention_impl("splash", jnp.float32, 128, 1000, 512)
+    with kernels.kernels_for("cpu"), pytest.raises(ConfigError, match="needs a TPU, tracing for cpu"):
+        resolve_attention_impl("splash", jnp.float32, 128, 512, 512)

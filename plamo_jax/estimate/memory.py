@@ -341,15 +341,16 @@ def traced_model_config(local_cfg: ml_collections.ConfigDict, cp: ContextParalle
     """The model as its block is traced, with the attention kernel chosen for the platform being traced
     for. Under context parallelism attention always runs the flash kernel with the strategy's block,
     whatever model.attention_impl says (the single-program path the trace takes has no mesh, so it is
-    told which kernel to use). cuDNN's kernel cannot be traced without a GPU: flash stands in, with the
-    same residuals (output and log-normaliser)."""
+    told which kernel to use). cuDNN's kernel cannot be traced without a GPU, nor splash's block masks
+    without their TPU layout: flash stands in for both, with the same residuals (output and
+    log-normaliser)."""
     traced = ml_collections.ConfigDict(local_cfg.to_dict())
     if cp.active:
         traced.attention_impl, traced.attention_block = "flash", cp.block
         return traced
     impl = attention_lib.resolve_attention_impl(local_cfg.attention_impl, jnp.dtype(local_cfg.dtype),
-                                                local_cfg.head_dim, length)
-    traced.attention_impl = "flash" if impl == "cudnn" else impl
+                                                local_cfg.head_dim, length, local_cfg.attention_block)
+    traced.attention_impl = "flash" if impl in ("cudnn", "splash") else impl
     return traced
 
 

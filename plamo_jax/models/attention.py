@@ -9,6 +9,7 @@ from flax import nnx
 
 from plamo_jax.errors import ConfigError
 from plamo_jax.models import kernels
+from plamo_jax.models.attention_statistics import max_allowed_logit
 from plamo_jax.models.context_attention import context_attention
 from plamo_jax.models.cudnn_attention import (
     CUDNN_AUTO_MAX_LENGTH,
@@ -19,6 +20,7 @@ from plamo_jax.models.flash_attention import flash_attention_with_max_logit
 from plamo_jax.models.layers import RMSNorm, apply_rope, compute_dtype, normal, output_init_std, param
 from plamo_jax.models.masks import attention_mask, cached_attention_mask
 from plamo_jax.models.projection import projection
+from plamo_jax.models.splash_attention import sharded_splash_attention
 from plamo_jax.parallel import context
 from plamo_jax.parallel.rules import constrain
 
@@ -27,27 +29,42 @@ QK_NORM_KINDS = ("none", "shared", "per_head")
 AUTO_DENSE_MAX_LENGTH = 2048
 
 
-def resolve_attention_impl(impl: str, dtype, head_dim: int, length: int) -> str:
+def splash_unsupported(dtype, length: int, block: int) -> str | None:
+    """Why the splash kernel cannot take these inputs, or None when it can."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        return f"splash attention needs float32 or bfloat16 inputs, got {jnp.dtype(dtype).name}"
+    if length % min(block, length):
+        return (f"splash attention needs the length ({length}) to be a multiple of "
+                f"model.attention_block ({block})")
+    return None
+
+
+def resolve_attention_impl(impl: str, dtype, head_dim: int, length: int, block: int = 512) -> str:
     """The kernel `impl` means for these shapes on the platform being traced for.
 
-    auto: cuDNN's fused attention on GPU where it takes the inputs and the row is at most
-    CUDNN_AUTO_MAX_LENGTH tokens (models/cudnn_attention.py); otherwise dense scores for short rows and
-    flash attention (memory linear in length) for long ones. An explicit "cudnn" off GPU or on inputs
-    cuDNN does not take is a configuration error, named here rather than deep inside JAX.
+    auto: splash attention on TPU where it takes the inputs (models/splash_attention.py); cuDNN's fused
+    attention on GPU where it does and the row is at most CUDNN_AUTO_MAX_LENGTH tokens
+    (models/cudnn_attention.py); otherwise dense scores for short rows and flash attention (memory
+    linear in length) for long ones. An explicit "cudnn" or "splash" off its platform or on inputs its
+    kernel does not take is a configuration error, named here rather than deep inside JAX.
     """
     platform = kernels.target_platform()
     if impl == "auto":
         cudnn_applies = cudnn_unsupported(dtype, head_dim) is None and length <= CUDNN_AUTO_MAX_LENGTH
         if platform == "gpu" and cudnn_applies:
             return "cudnn"
+        if platform == "tpu" and splash_unsupported(dtype, length, block) is None:
+            return "splash"
         return "dense" if length <= AUTO_DENSE_MAX_LENGTH else "flash"
-    if impl == "cudnn":
-        if platform != "gpu":
-            raise ConfigError(f"config key model.attention_impl='cudnn': needs an NVIDIA GPU, tracing for "
-                              f"{platform}; expected auto, dense or flash here")
-        reason = cudnn_unsupported(dtype, head_dim)
-        if reason:
-            raise ConfigError(f"config key model.attention_impl='cudnn': {reason}")
+    kernel_platform = {"cudnn": "gpu", "splash": "tpu"}.get(impl)
+    if kernel_platform and platform != kernel_platform:
+        device = "an NVIDIA GPU" if kernel_platform == "gpu" else "a TPU"
+        raise ConfigError(f"config key model.attention_impl={impl!r}: needs {device}, tracing for "
+                          f"{platform}; expected auto, dense or flash here")
+    reason = {"cudnn": lambda: cudnn_unsupported(dtype, head_dim),
+              "splash": lambda: splash_unsupported(dtype, length, block)}.get(impl, lambda: None)()
+    if reason:
+        raise ConfigError(f"config key model.attention_impl={impl!r}: {reason}")
     return impl
 
 
@@ -232,8 +249,20 @@ class Attention(nnx.Module):
         k = constrain(k, ("act_batch", None, "act_kv_heads", "act_head_dim"))
         v = constrain(v, ("act_batch", None, "act_kv_heads", "act_head_dim"))
         tokens = context.layout_tokens(x_BLD.shape[1])
-        impl = resolve_attention_impl(self.impl, q.dtype, self.head_dim, x_BLD.shape[1])
-        if impl == "flash":
+        impl = resolve_attention_impl(self.impl, q.dtype, self.head_dim, x_BLD.shape[1], self.block)
+        if impl == "splash" and (tokens is not None or not isinstance(window, int)):
+            # splash builds its mask ahead of tracing: a per-layer (traced) window or a permuted token
+            # order cannot go in; auto takes flash there, an explicit request is an error
+            if self.impl != "auto":
+                raise ConfigError("config key model.attention_impl='splash': the attention window differs "
+                                  "between layers (model.full_attention_layers) or the tokens are permuted "
+                                  "(context load balancing); expected auto or flash")
+            impl = "flash"
+        if impl == "splash":
+            attended = sharded_splash_attention(q, k, v, segment_ids_BL, window, block=self.block,
+                                                interpret=kernels.interpret_pallas())
+            max_logit = max_allowed_logit(q, k, attention_mask(segment_ids_BL, window))
+        elif impl == "flash":
             attended, max_logit = flash_attention_with_max_logit(q, k, v, segment_ids_BL, window, self.block,
                                                                  tokens)
         elif impl == "cudnn":

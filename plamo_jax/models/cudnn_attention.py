@@ -15,7 +15,7 @@ attention needs beyond that, and what this module chose:
   bias and cuDNN runs unmasked.
 - The largest attention logit, the health statistic every attention path reports, is not among
   cuDNN's outputs (it returns the log-sum-exp, an upper bound): it is computed exactly beside the
-  kernel, forward only, from one more bf16 score product per layer.
+  kernel, forward only (models/attention_statistics.py).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from plamo_jax.models.attention_statistics import max_allowed_logit
 from plamo_jax.models.masks import attention_mask
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = 256
 # `auto` uses cuDNN up to this many tokens per row; the document bias grows with the square of it.
 CUDNN_AUTO_MAX_LENGTH = 16384
-MAX_LOGIT_QUERY_BLOCK = 512
 
 
 def cudnn_unsupported(dtype, head_dim: int) -> str | None:
@@ -70,25 +70,4 @@ def cudnn_attention_with_max_logit(
     else:
         attended = jax.nn.dot_product_attention(q_BLHD, k_BLKD, v_BLKD, mask=full_mask,
                                                 implementation=implementation)
-    return attended, _max_logit(q_BLHD, k_BLKD, full_mask)
-
-
-def _max_logit(q_BLHD: jax.Array, k_BLKD: jax.Array, mask_B1LL: jax.Array,
-               query_block: int = MAX_LOGIT_QUERY_BLOCK) -> jax.Array:
-    """max over allowed (query, key) of q.k / sqrt(D), in fp32 as the dense path has it; query blocks
-    at a time, so the transient scores are [B, H, block, L] rather than [B, H, L, L]."""
-    batch, length, num_heads, head_dim = q_BLHD.shape
-    num_kv_heads = k_BLKD.shape[2]
-    block = query_block if length % query_block == 0 else length
-    q = jax.lax.stop_gradient(q_BLHD).reshape(batch, length // block, block, num_kv_heads,
-                                              num_heads // num_kv_heads, head_dim)
-    k = jax.lax.stop_gradient(k_BLKD)
-    mask = mask_B1LL[:, 0].reshape(batch, length // block, block, length)
-
-    def block_max(args):
-        q_block, mask_block = args  # [B, block, K, G, D], [B, block, L]
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q_block, k, preferred_element_type=jnp.float32)
-        return jnp.max(jnp.where(mask_block[:, None, None], scores, -jnp.inf))
-
-    per_block = jax.lax.map(block_max, (jnp.moveaxis(q, 1, 0), jnp.moveaxis(mask, 1, 0)))
-    return jnp.max(per_block) * (head_dim**-0.5)
+    return attended, max_allowed_logit(q_BLHD, k_BLKD, full_mask)

@@ -6,8 +6,9 @@ all-to-all over the mesh axes of the `expert` logical axis, runs its experts as 
 assignments sorted by expert and sends the results back; mlp-sharded (tensor) experts give partial
 sums, reduced with psum. Without a mesh the same grouped computation runs on all tokens at once.
 
-Grouped matmuls: `jax.lax.ragged_dot` on GPU / TPU; on CPU, where JAX lowers ragged_dot to a dense
-masked product over every expert, a blocked equivalent (`blocked_swiglu`). `models.kernels` decides.
+Grouped matmuls: megablox `gmm` (the Pallas TPU kernel JAX ships) on TPU, `jax.lax.ragged_dot` on GPU;
+on CPU, where JAX lowers ragged_dot to a dense masked product over every expert, a blocked equivalent
+(`blocked_swiglu`). `models.kernels` decides.
 
 All-to-all buffers have static shapes: dropless mode reserves room for all of a shard's assignments
 per destination ([expert shards, tokens * k, d_model]); capacity mode bounds a destination's share by
@@ -16,10 +17,12 @@ capacity * local experts.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import megablox
 from jax.sharding import PartitionSpec
 
 from plamo_jax.errors import ShardingError
@@ -31,8 +34,8 @@ def ragged_swiglu(x_AD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array
                   down_EFD: jax.Array) -> jax.Array:
     """SwiGLU of rows sorted by expert (group_sizes_E rows each; later rows unused) with ragged matmuls.
 
-    GPU and TPU lower `ragged_dot` to grouped-matmul kernels; XLA:CPU has none (JAX computes every
-    expert on every row and masks), hence `blocked_swiglu` there.
+    GPUs lower `ragged_dot` to grouped-matmul kernels; XLA:CPU has none (JAX computes every expert on
+    every row and masks), hence `blocked_swiglu` there; TPUs take `megablox_swiglu`.
     """
     gate = jax.lax.ragged_dot(x_AD, gate_EDF, group_sizes_E)
     up = jax.lax.ragged_dot(x_AD, up_EDF, group_sizes_E)
@@ -69,9 +72,50 @@ def blocked_swiglu(x_AD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Arra
     return jnp.where(used_A[:, None], out, 0)
 
 
+MEGABLOX_TILE = 128  # megablox's (rows, contraction, output) tile: the TPU's 128 lanes
+
+
+def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def megablox_swiglu(x_AD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array,
+                    down_EFD: jax.Array) -> jax.Array:
+    """`ragged_swiglu` with megablox's grouped matmul (its backward: gmm for the input gradient, tgmm for
+    the weights'). Rows, d_model and the expert width are padded with zeros to whole 128-tiles: the
+    backward runs the products transposed with the same tiles, so every dimension must take them
+    (real shapes pad nothing; zero columns add nothing: silu(0) * 0 = 0). Padded and unused rows belong
+    to no group and come out zero."""
+    rows, d_model = x_AD.shape
+    pad = lambda a, *axes: functools.reduce(lambda t, axis: _pad_axis(t, axis, MEGABLOX_TILE), axes, a)
+    x = pad(x_AD, 0, 1)
+    gate, up, down = pad(gate_EDF, 1, 2), pad(up_EDF, 1, 2), pad(down_EFD, 1, 2)
+    # gmm leaves the output rows of no group unwritten (whatever the buffer held): zeroed after every
+    # product, so nothing of them reaches a value or, through the backward pass, a gradient
+    in_groups = (jnp.arange(x.shape[0]) < jnp.sum(group_sizes_E))[:, None]
+    tiling = (MEGABLOX_TILE,) * 3
+    interpret = kernels.interpret_pallas()
+
+    def gmm(lhs, rhs):
+        out = megablox.gmm(lhs, rhs, group_sizes_E, lhs.dtype, tiling, interpret=interpret)
+        return jnp.where(in_groups, out, 0)
+
+    x = jnp.where(in_groups, x, 0)
+    hidden = jax.nn.silu(gmm(x, gate)) * gmm(x, up)
+    return gmm(hidden, down)[:rows, :d_model]
+
+
 def grouped_swiglu(x_AD, group_sizes_E, gate_EDF, up_EDF, down_EFD) -> jax.Array:
-    if kernels.target_platform() == "cpu":
+    platform = kernels.target_platform()
+    if platform == "cpu":
         return blocked_swiglu(x_AD, group_sizes_E, gate_EDF, up_EDF, down_EFD)
+    if platform == "tpu":
+        return megablox_swiglu(x_AD, group_sizes_E, gate_EDF, up_EDF, down_EFD)
     return ragged_swiglu(x_AD, group_sizes_E, gate_EDF, up_EDF, down_EFD)
 
 

@@ -1,11 +1,11 @@
 """Pallas TPU splash attention for one device's shard, in the dense path's layout and masking.
 
-A building block for `model.attention_impl=splash` (not yet selectable: the model's attention still
-chooses between dense and flash). It takes what `dot_product_attention` takes, [B, L, H, D] queries
-and [B, L, K, D] keys / values with H a multiple of K (query head h reads KV head h // (H / K)), and
-masks the same way: causal, same segment id, and within `window` tokens when window > 0. The window
-must be a Python int here (splash builds its block mask ahead of tracing), where the dense path also
-takes a traced per-layer window.
+`model.attention_impl=splash` (and `auto` on TPU). It takes what `dot_product_attention` takes,
+[B, L, H, D] queries and [B, L, K, D] keys / values with H a multiple of K (query head h reads KV head
+h // (H / K)), and masks the same way: causal, same segment id, and within `window` tokens when
+window > 0. The window must be a Python int here (splash builds its block mask ahead of tracing),
+where the dense path also takes a traced per-layer window. `sharded_splash_attention` runs it on each
+device's shard of the batch and heads under the active mesh (`shard_map` with the rules' specs).
 
 The kernel is JAX's `splash_attention` (forward and a hand-written backward) run as MQA per KV head:
 each KV head serves its group of query heads, vmapped over KV heads and the batch. The softmax
@@ -15,10 +15,15 @@ kernel through Pallas's interpreter on any backend, which is how CPU tests check
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+from jax.sharding import PartitionSpec
+
+from plamo_jax.parallel import rules as sharding_rules
 
 DEFAULT_BLOCK = 128  # a TPU lane width: splash's tiles are multiples of it
 
@@ -66,3 +71,30 @@ def splash_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, se
     per_head = jax.vmap(one_kv_head, in_axes=(0, 0, 0, None))  # over KV heads
     out = jax.vmap(per_head)(q, k, v, segment_ids_BL.astype(jnp.int32))  # over rows: [B, K, G, L, D]
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim).astype(q_BLHD.dtype)
+
+
+def sharded_splash_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array,
+                             segment_ids_BL: jax.Array, window: int = 0, *, block: int = DEFAULT_BLOCK,
+                             interpret: bool = False) -> jax.Array:
+    """`splash_attention` on each device's rows and heads under the active mesh (directly without one).
+
+    Rows follow act_batch and heads act_heads / act_kv_heads, as the dense path's constraints lay them
+    out; the whole sequence is local. Query and KV heads must split over the same mesh axes (each
+    device then holds whole query groups of its KV heads); where the rules shard only one of them,
+    both are gathered.
+    """
+    kernel = functools.partial(splash_attention, window=window, block=block, interpret=interpret)
+    current = sharding_rules.active_mesh_and_rules()
+    if current is None:
+        return kernel(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+    mesh, rules = current
+    spec = lambda axes, shape: sharding_rules.logical_to_spec(axes, rules, mesh, shape, "splash attention",
+                                                               drop_indivisible=True)
+    q_spec = spec(("act_batch", None, "act_heads", None), q_BLHD.shape)
+    kv_spec = spec(("act_batch", None, "act_kv_heads", None), k_BLKD.shape)
+    if q_spec[2] != kv_spec[2]:
+        q_spec = PartitionSpec(q_spec[0], None, None, None)
+        kv_spec = PartitionSpec(kv_spec[0], None, None, None)
+    rows_spec = PartitionSpec(q_spec[0], None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, rows_spec), out_specs=q_spec,
+                         check_vma=False)(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
