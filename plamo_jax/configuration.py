@@ -137,6 +137,10 @@ def _train_defaults() -> ml_collections.ConfigDict:
     t.seq_len = 128  # tokens per sequence
     t.microbatches = 1  # gradient accumulation steps inside one jitted step
     t.z_loss = 1e-4  # PaLM z-loss coefficient: z * log(Z)^2
+    # LM head + cross entropy in chunks of this many positions along the sequence (0: all at once): the
+    # fp32 logits of one chunk live at a time and are recomputed in the backward pass (train/losses.py).
+    # What makes a pipeline's head fit: it runs on every microbatch's rows at once.
+    t.loss_chunk = 0
     # lm: next-token loss (pre-training, SFT). dpo: Direct Preference Optimization against the
     # frozen checkpoint.init_params, on data.format=preference pairs. distill: logit distillation
     # from the frozen train.teacher_checkpoint on text / chat corpora (plamo_jax/train/objectives/).
@@ -287,6 +291,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"a microbatch ({microbatch} sequences) divisible by data x fsdp x expert = {batch_shards}",
     )
     _require(t.seq_len > 0, "train.seq_len", t.seq_len, "a positive length")
+    _require(t.loss_chunk == 0 or (t.loss_chunk > 0 and t.seq_len % t.loss_chunk == 0), "train.loss_chunk",
+             t.loss_chunk, f"0 or a positive divisor of train.seq_len={t.seq_len}")
     _validate_pipeline(config, size, microbatch, batch_shards)
     sequence_chunks = size["sequence"] * (2 if context.load_balanced(m, size["sequence"]) else 1)
     _require(

@@ -533,6 +533,7 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
     local_cfg = local_model_config(m, family, layout)
     cp = context_parallel(m, layout, train.seq_len)
     plan = pipeline_plan(m, layout, num_blocks)
+    head_tokens = tokens  # the LM head and the loss run on the whole (accumulation) batch after the stack
     if plan is not None:  # each iteration runs K blocks on one microbatch's rows
         batch = -(-batch // plan.microbatches)
         tokens = batch * length
@@ -569,8 +570,12 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
     cast_bytes = dtype_bytes if gathers or dtype_bytes != FP32_BYTES else 0
     block_weights = params.block_compute_elements * (cast_bytes + (FP32_BYTES if gathers else 0))
     local_vocab = layout.local(m.vocab_size, "act_vocab")
-    logits = tokens * local_vocab * (2 * FP32_BYTES + dtype_bytes * (dtype_bytes != FP32_BYTES))
-    logits += tokens * m.d_model * dtype_bytes  # final norm output, kept for the head's weight gradient
+    # train.loss_chunk: one chunk of positions' logits at a time (train/losses.py), not under sequence
+    # parallelism (the positions are sharded there)
+    chunked = train.loss_chunk and layout.divisor("act_length") == 1 and train.seq_len > train.loss_chunk
+    logit_tokens = head_tokens * train.loss_chunk // train.seq_len if chunked else head_tokens
+    logits = logit_tokens * local_vocab * (2 * FP32_BYTES + dtype_bytes * (dtype_bytes != FP32_BYTES))
+    logits += head_tokens * m.d_model * dtype_bytes  # final norm output, kept for the head's weight gradient
     input_bytes = sum(batch_layout.dtype_of(key).itemsize for key in objective.batch_keys) * examples * length
     items = [
         MemoryItem("input batch", input_bytes, f"{', '.join(batch_layout.FIELDS)} per sequence"),
@@ -600,7 +605,8 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
         MemoryItem("embedding / LM head gathered",
                    params.embeddings_compute_elements * (dtype_bytes + FP32_BYTES),
                    "compute-dtype copy + unreduced fp32 gradient"),
-        MemoryItem("logits and cross entropy", logits, "fp32 logits + fp32 dlogits (+ cast) + final norm"),
+        MemoryItem("logits and cross entropy", logits, "fp32 logits + fp32 dlogits (+ cast) + final norm"
+                   + (f", {train.loss_chunk} of {train.seq_len} positions at a time" if chunked else "")),
     ]
     return items
 

@@ -62,17 +62,20 @@ class Decoder(nnx.Module):
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
-        x = self.final_norm(x_BLD)
-        dtype = self.dtype
-        if self.lm_head is None:
-            logits = jnp.einsum(
-                "bld,vd->blv", x, self.embed[...].astype(dtype), preferred_element_type=jnp.float32
-            )
-        else:
-            logits = jnp.einsum(
-                "bld,dv->blv", x, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32
-            )
-        return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+        return self.head()(self.final_norm(x_BLD))
+
+    def head(self):
+        """final-normed hidden states [B, L, D] -> fp32 logits [B, L, V], as a function of arrays only
+        (the weights read once here), so that a loss can call it inside its own transforms."""
+        tied = self.lm_head is None
+        weight = (self.embed if tied else self.lm_head)[...].astype(self.dtype)
+        subscripts = "bld,vd->blv" if tied else "bld,dv->blv"
+
+        def head(x_BLD: jax.Array) -> jax.Array:
+            logits = jnp.einsum(subscripts, x_BLD, weight, preferred_element_type=jnp.float32)
+            return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+        return head
 
     def run_blocks(self, blocks: nnx.Module, x_BLD, segment_ids_BL, positions_BL,
                    block_indices) -> tuple[jax.Array, dict]:
@@ -93,6 +96,12 @@ class Decoder(nnx.Module):
         return run_stack(x_BLD, blocks, block_indices)
 
     def __call__(self, input_ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array):
+        x, aux_per_block = self.hidden_states(input_ids_BL, segment_ids_BL, positions_BL)
+        return self.logits(x), aux_per_block
+
+    def hidden_states(self, input_ids_BL: jax.Array, segment_ids_BL: jax.Array,
+                      positions_BL: jax.Array) -> tuple[jax.Array, dict]:
+        """(the stack's output [B, L, D] before the final norm, per-block aux)."""
         x = self.embed_tokens(input_ids_BL)
         stages = pipeline.stage_count()
         plan = self.pipeline.plan(self.num_blocks, stages, self.num_layers) if stages > 1 else None
@@ -103,7 +112,7 @@ class Decoder(nnx.Module):
         else:  # no stages, or a batch (an evaluation's) that the microbatches do not divide: XLA gathers
             x, aux_per_block = self.run_blocks(self.blocks, x, segment_ids_BL, positions_BL,
                                                jnp.arange(self.num_blocks))
-        return self.logits(x), aux_per_block
+        return x, aux_per_block
 
     # --- cached decoding (families with FamilySpec.cached_decoding) -----------------------------------
 

@@ -6,6 +6,34 @@ import jax
 import jax.numpy as jnp
 
 
+def chunked_cross_entropy_sums(head, x_BLD: jax.Array, targets_BL: jax.Array, loss_mask_BL: jax.Array,
+                               z_loss: float, chunk: int) -> tuple[dict[str, jax.Array], jax.Array]:
+    """(`cross_entropy_sums` of head(x), the largest logit) with the logits `chunk` positions at a time.
+
+    head: final-normed hidden states [B, C, D] -> fp32 logits [B, C, V]. A scan over the sequence's
+    chunks, each chunk checkpointed: one chunk's logits (and its gradient) live at a time, recomputed in
+    the backward pass; the sums add up chunk by chunk, so the result equals the unchunked one.
+    """
+    batch, length, d_model = x_BLD.shape
+    chunks = length // chunk
+    split = lambda a: jnp.moveaxis(a.reshape(batch, chunks, chunk, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one_chunk(x_BCD, targets_BC, mask_BC):
+        logits = head(x_BCD)
+        return cross_entropy_sums(logits, targets_BC, mask_BC, z_loss), jnp.max(jax.lax.stop_gradient(logits))
+
+    def body(carry, inputs):
+        sums, largest = carry
+        chunk_sums, chunk_largest = one_chunk(*inputs)
+        return (jax.tree.map(jnp.add, sums, chunk_sums), jnp.maximum(largest, chunk_largest)), None
+
+    zeros = {name: jnp.zeros((), jnp.float32) for name in ("cross_entropy", "z_loss", "correct", "tokens")}
+    (sums, largest), _ = jax.lax.scan(body, (zeros, jnp.array(-jnp.inf, jnp.float32)),
+                                      (split(x_BLD), split(targets_BL), split(loss_mask_BL)))
+    return sums, largest
+
+
 def cross_entropy_sums(
     logits_BLV: jax.Array, targets_BL: jax.Array, loss_mask_BL: jax.Array, z_loss: float
 ) -> dict[str, jax.Array]:

@@ -15,8 +15,9 @@ from flax import nnx
 
 from plamo_jax.data.formats import TEXT
 from plamo_jax.data.pipeline import TrainIterator
+from plamo_jax.parallel import context
 from plamo_jax.posttrain.sft import CHAT
-from plamo_jax.train.losses import cross_entropy_sums
+from plamo_jax.train.losses import chunked_cross_entropy_sums, cross_entropy_sums
 from plamo_jax.train.objectives.base import Batch, Config, Objective
 from plamo_jax.train.step import MAX_PREFIX, add_auxiliary_losses, add_statistics, forward
 
@@ -24,14 +25,25 @@ CORPUS_FORMATS = {TEXT.name: TEXT, CHAT.name: CHAT}
 
 
 def lm_loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch, model_cfg: ml_collections.ConfigDict,
-                 z_loss: float) -> tuple[jax.Array, dict]:
-    """(objective sum, metric sums) of one batch: cross entropy + z-loss + auxiliary losses, as sums."""
-    logits, aux = forward(graphdef, params, batch)
-    sums = cross_entropy_sums(logits, batch["target_ids"], batch["loss_mask"], z_loss)
+                 z_loss: float, loss_chunk: int = 0) -> tuple[jax.Array, dict]:
+    """(objective sum, metric sums) of one batch: cross entropy + z-loss + auxiliary losses, as sums.
+
+    loss_chunk > 0: the LM head and the loss run `loss_chunk` positions at a time
+    (`chunked_cross_entropy_sums`), except under sequence parallelism (the positions are sharded there).
+    """
+    if loss_chunk and context.sequence_shards() == 1 and batch["target_ids"].shape[1] > loss_chunk:
+        model = nnx.merge(graphdef, params)
+        x, aux = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"])
+        sums, largest = chunked_cross_entropy_sums(model.head(), model.final_norm(x), batch["target_ids"],
+                                                   batch["loss_mask"], z_loss, loss_chunk)
+    else:
+        logits, aux = forward(graphdef, params, batch)
+        sums = cross_entropy_sums(logits, batch["target_ids"], batch["loss_mask"], z_loss)
+        largest = jnp.max(jax.lax.stop_gradient(logits))
     objective = add_auxiliary_losses(sums["cross_entropy"] + sums["z_loss"], sums, aux, model_cfg,
                                      sums["tokens"])
     add_statistics(sums, aux, sums["tokens"])
-    sums[MAX_PREFIX + "output_logit"] = jnp.max(jax.lax.stop_gradient(logits))
+    sums[MAX_PREFIX + "output_logit"] = largest
     return objective, sums
 
 
@@ -47,7 +59,8 @@ class LanguageModeling(Objective):
 
     def loss_sums(self, graphdef, params, frozen, batch, config):
         del frozen
-        return lm_loss_sums(graphdef, params, batch, config.model, config.train.z_loss)
+        return lm_loss_sums(graphdef, params, batch, config.model, config.train.z_loss,
+                            config.train.loss_chunk)
 
     def metrics(self, sums):
         tokens = jnp.maximum(sums["tokens"], 1.0)
