@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe import seconds_per_call  # noqa: E402
 from bench_train import synthetic_batch  # noqa: E402
 
 from plamo_jax.configuration import load_recipe  # noqa: E402
@@ -53,8 +54,8 @@ from plamo_jax.models.experts import local_moe, ragged_swiglu  # noqa: E402
 from plamo_jax.models.flash_attention import flash_attention_with_max_logit  # noqa: E402
 from plamo_jax.models.masks import attention_mask  # noqa: E402
 from plamo_jax.parallel.rules import sharding_context  # noqa: E402
+from plamo_jax.train import peak_flops  # noqa: E402
 from plamo_jax.train import state as state_lib  # noqa: E402
-from plamo_jax.train.peak_flops import VENDOR_PEAKS  # noqa: E402
 from plamo_jax.train.run import build_run  # noqa: E402
 
 GIB = 2**30
@@ -140,28 +141,16 @@ def read_results(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def seconds_per_call(fn, *args, warmup: int = 2, repeats: int = 10) -> float:
-    """Mean wall seconds of fn(*args) after warm-up calls (fn jitted; results blocked on)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / repeats
-
-
 def relative_error(got, expected) -> float:
     got, expected = np.asarray(got, np.float32), np.asarray(expected, np.float32)
     return float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
 
 
 def vendor_peak(dtype: str = "bfloat16") -> float:
-    kind = jax.devices()[0].device_kind.lower()
-    for name in sorted(VENDOR_PEAKS, key=len, reverse=True):
-        if name in kind:
-            return VENDOR_PEAKS[name][dtype]
-    return VENDOR_PEAKS["h200"][dtype]  # the machine this script is written for
+    """The peak table's figure for this device, the H200's (the machine this script is written for)
+    where the table has none."""
+    listed = peak_flops.vendor_peak(jax.devices()[0].device_kind, dtype)
+    return listed or peak_flops.VENDOR_PEAKS["h200"][dtype]
 
 
 def peak_bytes() -> float | None:
@@ -194,11 +183,9 @@ def _cudnn_version():
 
 
 def matmul_ceiling(results: Results, smoke: bool) -> None:
+    """The measured bf16 ceiling: the best of peak_flops' calibration matmuls (random operands)."""
     n = 512 if smoke else 8192
-    keys = jax.random.split(jax.random.key(0))
-    a, b = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in keys)
-    seconds = seconds_per_call(jax.jit(lambda a, b: a @ b), a, b, warmup=3, repeats=10)
-    results.add("matmul_ceiling", n=n, seconds=seconds, flops_per_second=2 * n**3 / seconds)
+    results.add("matmul_ceiling", n=n, flops_per_second=peak_flops.measure_matmul_flops("bfloat16", size=n))
 
 
 def attention_inputs(batch, length, heads, kv_heads, head_dim, documents: int, seed: int = 0):
@@ -264,7 +251,7 @@ def attention_speed(results: Results, smoke: bool) -> None:
     for name, kernel in kernels.items():
         fn = jax.jit(jax.grad(lambda q, k, v, kernel=kernel: jnp.sum(
             kernel(q, k, v)[0].astype(jnp.float32) * upstream), argnums=(0, 1, 2)))
-        seconds = seconds_per_call(fn, q, k, v)
+        seconds = seconds_per_call(fn, q, k, v, repeats=10)
         results.add("attention_speed", kernel=name, seconds=seconds, flops_per_second=flops / seconds)
 
 
@@ -288,7 +275,8 @@ def fp8_check(results: Results, smoke: bool) -> None:
     forward = jax.jit(lambda x, w: fp8_lib.fp8_einsum("td,df->tf", x, w, jnp.bfloat16))(x, w)
     rounded = [fp8_lib.quantize_dequantize(a, fp8_lib.FORWARD_DTYPE).astype(jnp.float32) for a in (x, w)]
     reference = jnp.matmul(*rounded, precision=jax.lax.Precision.HIGHEST)
-    fp8_seconds, bf16_seconds = seconds_per_call(fp8_step, x, w), seconds_per_call(bf16_step, x, w)
+    fp8_seconds = seconds_per_call(fp8_step, x, w, repeats=10)
+    bf16_seconds = seconds_per_call(bf16_step, x, w, repeats=10)
     results.add("fp8_projection", shape=[tokens, d_model, width], fp8_gemm_calls=hlo.count(FP8_CALL),
                 expected_calls=3, forward_error_vs_fp32_of_rounded=relative_error(forward, reference),
                 fp8_seconds=fp8_seconds, bf16_seconds=bf16_seconds, speedup=bf16_seconds / fp8_seconds,
@@ -331,9 +319,9 @@ def moe_kernels(results: Results, smoke: bool) -> None:
     keep_tk = jnp.ones((tokens, top_k), bool)
     routed = grad_of(lambda x, g, u, d: local_moe(x, experts_tk, gates_tk, keep_tk, g, u, d))
     flops = 3 * 3 * 2 * rows * d_model * width  # three matmuls, forward + two backward products each
-    ragged_s = seconds_per_call(ragged, x_rows, *weights)
-    batched_s = seconds_per_call(grad_of(batched), x_rows, *weights)
-    routed_s = seconds_per_call(routed, x_tokens, *weights)
+    ragged_s = seconds_per_call(ragged, x_rows, *weights, repeats=10)
+    batched_s = seconds_per_call(grad_of(batched), x_rows, *weights, repeats=10)
+    routed_s = seconds_per_call(routed, x_tokens, *weights, repeats=10)
     ragged_hlo = ragged.as_text()
     results.add("moe_kernels", tokens=tokens, experts=experts, top_k=top_k, d_model=d_model, width=width,
                 ragged_seconds=ragged_s, batched_seconds=batched_s, local_moe_seconds=routed_s,

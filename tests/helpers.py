@@ -85,3 +85,17 @@ def random_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, 
         "positions": positions,
         "loss_mask": loss_mask,
     }
+
+
+def random_attention_inputs(seed, batch=2, length=37, heads=4, kv_heads=2, head_dim=8):
+    """fp32 q [B, L, H, D], k, v [B, L, K, D], segment ids (row 0: two packed documents, row 1: trailing
+    padding) and an upstream gradient for the output."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, length, heads, head_dim)).astype(np.float32)
+    k = rng.standard_normal((batch, length, kv_heads, head_dim)).astype(np.float32)
+    v = rng.standard_normal((batch, length, kv_heads, head_dim)).astype(np.float32)
+    segments = np.ones((batch, length), np.int32)
+    segments[0, length // 2:] = 2
+    segments[1, length - 5:] = 0
+    upstream = rng.standard_normal(q.shape).astype(np.float32)
+    return q, k, v, segments, upstream

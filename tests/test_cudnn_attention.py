@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import random_attention_inputs, small_config
 
 from plamo_jax.configuration import validate_config
 from plamo_jax.errors import ConfigError
@@ -18,16 +18,8 @@ from plamo_jax.models.cudnn_attention import cudnn_attention_with_max_logit
 from plamo_jax.models.masks import attention_mask
 
 
-def random_inputs(seed, batch=2, length=40, heads=4, kv_heads=2, head_dim=8):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((batch, length, heads, head_dim)).astype(np.float32)
-    k = rng.standard_normal((batch, length, kv_heads, head_dim)).astype(np.float32)
-    v = rng.standard_normal((batch, length, kv_heads, head_dim)).astype(np.float32)
-    segments = np.ones((batch, length), np.int32)
-    segments[0, length // 2:] = 2  # two packed documents
-    segments[1, length - 5:] = 0  # trailing padding
-    upstream = rng.standard_normal(q.shape).astype(np.float32)
-    return q, k, v, segments, upstream
+def random_inputs(seed, length=40, **shape):
+    return random_attention_inputs(seed, length=length, **shape)
 
 
 def check_against_dense(q, k, v, segments, upstream, window, tokens=None):

@@ -6,7 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import initial_host_params, loss_and_grads, mesh_of, random_batch, small_config
+from helpers import (
+    initial_host_params,
+    loss_and_grads,
+    mesh_of,
+    random_attention_inputs,
+    random_batch,
+    small_config,
+)
 
 from plamo_jax.configuration import load_recipe
 from plamo_jax.models import attention as attention_module
@@ -15,17 +22,7 @@ from plamo_jax.models.decoder import Decoder
 from plamo_jax.models.flash_attention import flash_attention, flash_attention_with_max_logit
 from plamo_jax.models.masks import attention_mask
 
-
-def random_inputs(seed, batch=2, length=37, heads=4, kv_heads=2, head_dim=8):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((batch, length, heads, head_dim)).astype(np.float32)
-    k = rng.standard_normal((batch, length, kv_heads, head_dim)).astype(np.float32)
-    v = rng.standard_normal((batch, length, kv_heads, head_dim)).astype(np.float32)
-    segments = np.ones((batch, length), np.int32)
-    segments[0, length // 2 :] = 2  # two packed documents
-    segments[1, length - 5 :] = 0  # trailing padding
-    upstream = rng.standard_normal(q.shape).astype(np.float32)
-    return q, k, v, segments, upstream
+random_inputs = random_attention_inputs
 
 
 @pytest.mark.parametrize("length,block,window",

@@ -371,17 +371,14 @@ def block_activations(family: FamilySpec, local_cfg: ml_collections.ConfigDict, 
     ragged grouped matmuls, and on GPU cuDNN attention where model.attention_impl=auto picks it).
     """
     cp = cp or ContextParallel("none", length_shards, local_cfg.attention_block)
-    traced = contextlib.nullcontext() if host_kernels else kernels.kernels_for(kernel_platform)
-    with traced:
-        traced_cfg = traced_model_config(local_cfg, cp, length)
-    block = nnx.eval_shape(lambda: family.block(traced_cfg, rngs=nnx.Rngs(0)))
     x = jax.ShapeDtypeStruct((batch, length, local_cfg.d_model), jnp.dtype(local_cfg.dtype))
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    whole = [(block, lambda b, h, seg: b(h, seg, seg, jnp.int32(0))[0])]
     residuals, largest = {}, 0.0
-    # By default trace the kernels GPUs / TPUs run (e.g. ragged grouped matmuls), not a CPU fallback.
-    traced = contextlib.nullcontext() if host_kernels else kernels.kernels_for(kernel_platform)
-    with traced:
+    # By default trace the kernels GPUs / TPUs run (e.g. grouped matmuls), not a CPU fallback.
+    with contextlib.nullcontext() if host_kernels else kernels.kernels_for(kernel_platform):
+        traced_cfg = traced_model_config(local_cfg, cp, length)
+        block = nnx.eval_shape(lambda: family.block(traced_cfg, rngs=nnx.Rngs(0)))
+        whole = [(block, lambda b, h, seg: b(h, seg, seg, jnp.int32(0))[0])]
         for name, policy in REMAT_POLICIES.items():
             avals = module_residuals(whole, x, ids, policy)
             residuals[name] = nbytes(avals) / length_shards

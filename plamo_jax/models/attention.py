@@ -18,7 +18,7 @@ from plamo_jax.models.cudnn_attention import (
 )
 from plamo_jax.models.flash_attention import flash_attention_with_max_logit
 from plamo_jax.models.layers import RMSNorm, apply_rope, compute_dtype, normal, output_init_std, param
-from plamo_jax.models.masks import attention_mask, cached_attention_mask
+from plamo_jax.models.masks import attention_mask, cached_attention_mask, static_window
 from plamo_jax.models.projection import projection
 from plamo_jax.models.splash_attention import sharded_splash_attention
 from plamo_jax.parallel import context
@@ -250,7 +250,7 @@ class Attention(nnx.Module):
         v = constrain(v, ("act_batch", None, "act_kv_heads", "act_head_dim"))
         tokens = context.layout_tokens(x_BLD.shape[1])
         impl = resolve_attention_impl(self.impl, q.dtype, self.head_dim, x_BLD.shape[1], self.block)
-        if impl == "splash" and (tokens is not None or not isinstance(window, int)):
+        if impl == "splash" and (tokens is not None or static_window(window) is None):
             # splash builds its mask ahead of tracing: a per-layer (traced) window or a permuted token
             # order cannot go in; auto takes flash there, an explicit request is an error
             if self.impl != "auto":
@@ -259,8 +259,8 @@ class Attention(nnx.Module):
                                   "(context load balancing); expected auto or flash")
             impl = "flash"
         if impl == "splash":
-            attended = sharded_splash_attention(q, k, v, segment_ids_BL, window, block=self.block,
-                                                interpret=kernels.interpret_pallas())
+            attended = sharded_splash_attention(q, k, v, segment_ids_BL, static_window(window),
+                                                block=self.block, interpret=kernels.interpret_pallas())
             max_logit = max_allowed_logit(q, k, attention_mask(segment_ids_BL, window))
         elif impl == "flash":
             attended, max_logit = flash_attention_with_max_logit(q, k, v, segment_ids_BL, window, self.block,

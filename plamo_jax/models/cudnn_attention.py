@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from plamo_jax.models.attention_statistics import max_allowed_logit
-from plamo_jax.models.masks import attention_mask
+from plamo_jax.models.masks import attention_mask, static_window
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = 256
@@ -42,13 +41,6 @@ def cudnn_unsupported(dtype, head_dim: int) -> str | None:
     return None
 
 
-def _static_window(window) -> int | None:
-    """The window as a Python int, or None when it is traced (layers of a scanned stack differ)."""
-    if isinstance(window, (int, np.integer)):
-        return int(window)
-    return None
-
-
 def cudnn_attention_with_max_logit(
     q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, segment_ids_BL: jax.Array,
     window: int | jax.Array = 0, tokens_L=None, *, implementation: str = "cudnn",
@@ -59,11 +51,11 @@ def cudnn_attention_with_max_logit(
     the masking this function asks cuDNN for).
     """
     full_mask = attention_mask(segment_ids_BL, window, tokens_L)
-    static_window = _static_window(window)
-    if tokens_L is None and static_window is not None:
+    window_length = static_window(window)
+    if tokens_L is None and window_length is not None:
         same_document = (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])[:, None]
         # cuDNN's window (pos - w, pos] with w = left + 1: ours keeps keys with query - key < window.
-        local_window = (static_window - 1, 0) if static_window > 0 else None
+        local_window = (window_length - 1, 0) if window_length > 0 else None
         attended = jax.nn.dot_product_attention(
             q_BLHD, k_BLKD, v_BLKD, mask=same_document, is_causal=True, local_window_size=local_window,
             implementation=implementation)

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def static_window(window) -> int | None:
+    """The window as a Python int, or None when it is traced (layers of a scanned stack differ): kernels
+    that build their masks ahead of tracing (cuDNN's window, splash) take only the former."""
+    if isinstance(window, (int, np.integer)):
+        return int(window)
+    return None
 
 
 def attention_mask(segment_ids_BL: jax.Array, window: int | jax.Array = 0,
