@@ -76,6 +76,10 @@ def _model_defaults() -> ml_collections.ConfigDict:
     m.ssm_state_dim = 16
     m.ssm_conv_width = 4
     m.ssm_chunk_size = 64
+    # Mamba layers under context parallelism's balanced layout (parallel/context.py). in_place: each shard
+    # scans its two chunks where they are and the chunk states are gathered; undo_redo (Megatron's): the
+    # tokens move to contiguous chunks before each Mamba layer and back after it.
+    m.ssm_context_layout = "in_place"
     m.attention_window = 0  # 0 = full attention; otherwise a sliding window of this many tokens
     m.full_attention_layers = ()  # layer indices that use full attention despite the window
     # mixture of experts

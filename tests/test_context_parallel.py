@@ -1,7 +1,8 @@
 """Context parallelism (models/context_attention.py, parallel/context.py) equals one device.
 
 Attention split along the `sequence` axis: every family, ring and all_gather, contiguous and
-load-balanced layouts, packed documents, windows, and
+load-balanced layouts, packed documents, windows, the hybrid's Mamba layers in place or with
+Megatron's undo/redo, and
 composition with the data, fsdp, tensor and expert axes: loss and gradients equal the single-device
 pass (fp32). The balanced layout's work is counted against a brute-force mask; the ring's per-device
 temporaries are read from XLA's memory analysis.
@@ -47,9 +48,10 @@ def reference(family: str):
     return _REFERENCES[family]
 
 
-def assert_matches(family, strategy, mesh_sizes, balanced):
+def assert_matches(family, strategy, mesh_sizes, balanced, ssm_context_layout="in_place"):
     config = family_config(family)
     config.model.context_parallel = strategy
+    config.model.ssm_context_layout = ssm_context_layout
     params, batch, (ref_loss, ref_grads) = reference(family)
     loss, grads = loss_and_grads(config, mesh_of(**mesh_sizes), params, batch, balanced)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
@@ -71,7 +73,11 @@ SLOW_CASES = [(family, strategy, dict(sequence=shards), balanced)
 ]
 
 
-FAST_IDS = [f"{f}-{s}-{'x'.join(f'{a}{n}' for a, n in m.items())}" for f, s, m, _ in FAST_CASES]
+def case_id(family, strategy, mesh_sizes):
+    return f"{family}-{strategy}-{'x'.join(f'{a}{n}' for a, n in mesh_sizes.items())}"
+
+
+FAST_IDS = [case_id(f, s, m) for f, s, m, _ in FAST_CASES]
 
 
 @pytest.mark.parametrize("family,strategy,mesh_sizes,balanced", FAST_CASES, ids=FAST_IDS)
@@ -81,10 +87,44 @@ def test_context_parallel_step_equals_single_device(family, strategy, mesh_sizes
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,strategy,mesh_sizes,balanced", SLOW_CASES,
-                         ids=[f"{f}-{s}-{'x'.join(f'{a}{n}' for a, n in m.items())}-"
-                              f"{'balanced' if b else 'contiguous'}" for f, s, m, b in SLOW_CASES])
+                         ids=[f"{case_id(f, s, m)}-{'balanced' if b else 'contiguous'}"
+                              for f, s, m, b in SLOW_CASES])
 def test_every_context_layout_equals_single_device(family, strategy, mesh_sizes, balanced):
     assert_matches(family, strategy, mesh_sizes, balanced)
+
+
+# Megatron's undo/redo around the Mamba layers (model.ssm_context_layout), balanced layout only (the
+# contiguous one has nothing to undo). The default run keeps one case (the hybrid's reference is shared).
+UNDO_REDO_FAST = [("hybrid", "all_gather", dict(sequence=8))]
+UNDO_REDO_SLOW = [("hybrid_mixed", strategy, dict(sequence=shards)) for strategy in ("ring", "all_gather")
+                  for shards in (2, 4, 8)] + [("hybrid_mixed", "ring", dict(sequence=2, tensor=2, data=2))]
+
+
+@pytest.mark.parametrize("family,strategy,mesh_sizes", UNDO_REDO_FAST,
+                         ids=[case_id(*case) for case in UNDO_REDO_FAST])
+def test_mamba_undo_redo_equals_single_device(family, strategy, mesh_sizes):
+    assert_matches(family, strategy, mesh_sizes, True, ssm_context_layout="undo_redo")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,strategy,mesh_sizes", UNDO_REDO_SLOW,
+                         ids=[case_id(*case) for case in UNDO_REDO_SLOW])
+def test_every_mamba_undo_redo_case_equals_single_device(family, strategy, mesh_sizes):
+    assert_matches(family, strategy, mesh_sizes, True, ssm_context_layout="undo_redo")
+
+
+@pytest.mark.parametrize("shards", [2, 3, 8])
+def test_undo_redo_moves_balanced_chunks_to_contiguous_ones_and_back_exactly(shards):
+    length = 2 * shards * 3
+    order = context.token_order(length, shards, chunks=2)
+    values = np.random.default_rng(shards).standard_normal((2, length, 5)).astype(np.float32)
+    laid_out = values[:, order]  # what lay_out_batch gives
+    axes = ("act_batch", "act_length", "act_embed")
+    with sharding_context(mesh_of(sequence=shards), DEFAULT_RULES):
+        contiguous = jax.jit(lambda x: context.to_contiguous(x, axes))(laid_out)
+        back = jax.jit(lambda x: context.to_balanced(x, axes))(contiguous)
+    np.testing.assert_array_equal(contiguous, values)
+    np.testing.assert_array_equal(back, laid_out)
 
 
 def test_balanced_layout_puts_chunks_r_and_2s_minus_1_minus_r_on_shard_r():
@@ -163,6 +203,9 @@ def test_ring_attention_temporaries_shrink_with_the_sequence_axis(capsys):
 def test_bad_context_settings_are_named_at_start():
     config = small_config(context_parallel="ringg")
     with pytest.raises(ConfigError, match="model.context_parallel='ringg'"):
+        validate_config(config, 8)
+    config = small_config(family="hybrid", ssm_context_layout="redo")
+    with pytest.raises(ConfigError, match="model.ssm_context_layout='redo'"):
         validate_config(config, 8)
     config = small_config()
     config.mesh.sequence, config.mesh.data = 4, 2

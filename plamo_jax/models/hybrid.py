@@ -22,6 +22,7 @@ from plamo_jax.models.dense import validate_mlp
 from plamo_jax.models.family import SHARED_ACTIVATION_SHARDS, FamilySpec, MemoryPart, MeshSizes, require
 from plamo_jax.models.layers import RMSNorm, SwiGLU, compute_dtype, output_init_std
 from plamo_jax.models.ssm import MambaMixer, mamba_flops_per_token
+from plamo_jax.parallel.context import SSM_LAYOUTS
 
 NORM_OFFSETS = {"pre_mixer_norm": 1.0, "post_mixer_norm": 1.0 / 5, "pre_mlp_norm": 1.0,
                 "post_mlp_norm": 1.0 / 5**1.5}
@@ -53,6 +54,8 @@ def validate(cfg: ml_collections.ConfigDict, sizes: MeshSizes) -> None:
     for key, minimum in (("ssm_num_heads", 1), ("ssm_head_dim", 1), ("ssm_state_dim", 1),
                          ("ssm_conv_width", 2), ("ssm_chunk_size", 1)):
         require(cfg[key] >= minimum, key, cfg[key], f">= {minimum}")
+    require(cfg.ssm_context_layout in SSM_LAYOUTS, "ssm_context_layout", cfg.ssm_context_layout,
+            f"one of {SSM_LAYOUTS}")
     require(cfg.ssm_num_heads % sizes["tensor"] == 0, "ssm_num_heads", cfg.ssm_num_heads,
             f"divisible by the tensor-parallel mesh size mesh.tensor={sizes['tensor']}")
     validate_mlp(cfg, sizes)
@@ -63,7 +66,7 @@ def make_mamba(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MambaMixer:
         d_model=cfg.d_model, num_heads=cfg.ssm_num_heads, head_dim=cfg.ssm_head_dim,
         state_dim=cfg.ssm_state_dim, conv_width=cfg.ssm_conv_width, chunk_size=cfg.ssm_chunk_size,
         norm_eps=cfg.norm_eps, init_std=cfg.init_std, out_init_std=output_init_std(cfg),
-        dtype=compute_dtype(cfg), rngs=rngs, fp8=cfg.fp8,
+        dtype=compute_dtype(cfg), rngs=rngs, fp8=cfg.fp8, context_layout=cfg.ssm_context_layout,
     )
 
 

@@ -216,9 +216,10 @@ class MambaMixer(nnx.Module):
 
     def __init__(self, *, d_model: int, num_heads: int, head_dim: int, state_dim: int, conv_width: int,
                  chunk_size: int, norm_eps: float, init_std: float, out_init_std: float, dtype,
-                 rngs: nnx.Rngs, fp8: bool = False):
+                 rngs: nnx.Rngs, fp8: bool = False, context_layout: str = "in_place"):
         self.num_heads, self.head_dim, self.state_dim = num_heads, head_dim, state_dim
         self.conv_width, self.chunk_size = conv_width, chunk_size
+        self.context_layout = context_layout  # under the balanced layout: context.SSM_LAYOUTS
         self.dt_dim = dt_rank(d_model)
         self.dtype = dtype
         self.fp8 = fp8
@@ -265,6 +266,21 @@ class MambaMixer(nnx.Module):
         return -jnp.exp(self.A_log[...])
 
     def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+        if self.context_layout == "undo_redo" and context.chunks_per_shard() == 2:
+            return self._mix_contiguous(x_BLD, segment_ids_BL)
+        return self._mix(x_BLD, segment_ids_BL)
+
+    def _mix_contiguous(self, x_BLD: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+        """Megatron's undo/redo: the balanced layout's tokens go to contiguous chunks (one per shard, so
+        the scan passes states between S chunks instead of 2S) and the output comes back."""
+        axes = ("act_batch", "act_length", "act_embed")
+        x = context.to_contiguous(x_BLD, axes)
+        segments = context.to_contiguous(segment_ids_BL, axes[:2])
+        with context.balanced_layout(False):
+            out = self._mix(x, segments)
+        return context.to_balanced(out, axes)
+
+    def _mix(self, x_BLD: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
         z, x = self._project_in(x_BLD)
         weight = self.conv[...].astype(self.dtype)
         sharded = context.sequence_shards() > 1
@@ -314,7 +330,8 @@ class MambaMixer(nnx.Module):
 # and scans each chunk from a zero state. The chunks' final states and decays are gathered (an all-gather
 # of [B, H, P, N] states, never of the sequence), combined in the original chunk order by an associative
 # scan, and each chunk adds what its incoming state contributes. The conv reads the K-1 inputs before each
-# chunk from the gathered chunk tails. So the balanced layout costs the SSM no data movement.
+# chunk from the gathered chunk tails. So the balanced layout costs the SSM no data movement (unless
+# `model.ssm_context_layout="undo_redo"` moves the tokens to contiguous chunks around the mixer).
 
 SEQUENCE_AXIS = context.SEQUENCE_AXIS
 

@@ -7,7 +7,9 @@ batch out once, before the model (`lay_out_batch`): the sequence is cut into 2S 
 chunks r and 2S-1-r, so every shard does the same attention work. Tokens, targets, positions, segment
 ids and loss masks move together, so the loss, a sum over tokens, is unchanged; attention (every
 strategy, and the masks of the single-program paths) and the SSM's state passing read the layout from
-`balanced_layout`. This module also counts the work per shard and the ring steps a window needs.
+`balanced_layout`. This module also moves activations between the balanced and the contiguous layout
+(`to_contiguous` / `to_balanced`: Megatron's undo/redo around Mamba layers, `model.ssm_context_layout`),
+and counts the work per shard and the ring steps a window needs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,6 +27,9 @@ from plamo_jax.parallel import rules as sharding_rules
 
 SEQUENCE_AXIS = "sequence"
 STRATEGIES = ("none", "all_gather", "ring")
+# How the hybrid's Mamba layers meet the balanced layout: scan each shard's two chunks where they are and
+# pass states between them (in_place), or move the tokens to contiguous chunks and back (undo_redo).
+SSM_LAYOUTS = ("in_place", "undo_redo")
 
 _BALANCED: contextvars.ContextVar[bool] = contextvars.ContextVar("plamo_jax_balanced_layout", default=False)
 
@@ -81,6 +87,73 @@ def lay_out_batch(batch: dict, shards: int) -> dict:
     """Every [B, L] field reordered into the balanced layout (see the module docstring)."""
     return {key: jnp.take(value, token_order(value.shape[1], shards, 2), axis=1)
             for key, value in batch.items()}
+
+
+# ------------------------------------------------------------------------- moving tokens between layouts
+# Balanced shard r holds original chunks r and 2S-1-r, one even and one odd; contiguous shard q holds 2q and
+# 2q+1. So every shard sends its even chunk to one shard and its odd chunk to another, and each of the two
+# sends is a permutation of the shards: two ppermutes of half a shard each, no all-to-all.
+
+
+def _chunks_by_parity(shards: int) -> np.ndarray:
+    """[2, shards]: the original even (row 0) and odd (row 1) chunk each balanced shard holds."""
+    order = chunk_order(shards, 2)
+    return np.take_along_axis(order, np.argsort(order % 2, axis=1), axis=1).T
+
+
+def _contiguous_pairs(shards: int) -> list[list[tuple[int, int]]]:
+    """Per parity, the ppermute pairs (balanced shard, contiguous shard) that move those chunks."""
+    return [[(r, int(chunk) // 2) for r, chunk in enumerate(row)] for row in _chunks_by_parity(shards)]
+
+
+def _even_first(first_is_even: jax.Array, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(a, b) when `first_is_even`, else (b, a): a shard's two balanced chunks as (even, odd) and back."""
+    return jnp.where(first_is_even, a, b), jnp.where(first_is_even, b, a)
+
+
+def _first_is_even(shards: int) -> jax.Array:
+    """Whether this shard's first balanced chunk is an even one (traced, inside shard_map)."""
+    return jnp.asarray(chunk_order(shards, 2)[:, 0] % 2 == 0)[jax.lax.axis_index(SEQUENCE_AXIS)]
+
+
+def _to_contiguous_local(x: jax.Array, shards: int) -> jax.Array:
+    """One shard's [B, 2c, ...] in the balanced layout -> its [B, 2c, ...] in the contiguous one."""
+    first, second = jnp.split(x, 2, axis=1)
+    even, odd = _even_first(_first_is_even(shards), first, second)
+    pairs = _contiguous_pairs(shards)
+    return jnp.concatenate([jax.lax.ppermute(even, SEQUENCE_AXIS, pairs[0]),
+                            jax.lax.ppermute(odd, SEQUENCE_AXIS, pairs[1])], axis=1)
+
+
+def _to_balanced_local(x: jax.Array, shards: int) -> jax.Array:
+    """One shard's [B, 2c, ...] in the contiguous layout -> its [B, 2c, ...] in the balanced one."""
+    even, odd = jnp.split(x, 2, axis=1)
+    back = [[(q, r) for r, q in pairs] for pairs in _contiguous_pairs(shards)]
+    even, odd = jax.lax.ppermute(even, SEQUENCE_AXIS, back[0]), jax.lax.ppermute(odd, SEQUENCE_AXIS, back[1])
+    return jnp.concatenate(_even_first(_first_is_even(shards), even, odd), axis=1)
+
+
+def _relayout(local_fn, x: jax.Array, logical_axes) -> jax.Array:
+    """`local_fn(local x, shards)` on every shard of x, whose dimension 1 is the sharded sequence."""
+    mesh, rules = sharding_rules.active_mesh_and_rules()
+    spec = sharding_rules.logical_to_spec(logical_axes, rules, mesh, x.shape, drop_indivisible=True)
+    if spec[1] != SEQUENCE_AXIS:
+        raise ShardingError(f"mesh.rules.act_length shards the length as {spec[1]!r}; moving tokens between "
+                            f"context layouts expected exactly {SEQUENCE_AXIS!r}")
+    shards = mesh.shape[SEQUENCE_AXIS]
+    # check_vma=False: the pipeline's vmaps add their axes to the specs (models/pipelined_stack.py)
+    return jax.shard_map(lambda local: local_fn(local, shards), mesh=mesh, in_specs=spec, out_specs=spec,
+                         check_vma=False)(x)
+
+
+def to_contiguous(x: jax.Array, logical_axes) -> jax.Array:
+    """x [B, L, ...] in the balanced layout, moved so that shard q holds original chunks 2q and 2q+1."""
+    return _relayout(_to_contiguous_local, x, logical_axes)
+
+
+def to_balanced(x: jax.Array, logical_axes) -> jax.Array:
+    """The inverse of `to_contiguous`: shard r holds original chunks r and 2S-1-r again."""
+    return _relayout(_to_balanced_local, x, logical_axes)
 
 
 # ------------------------------------------------------------------------------------- work accounting
