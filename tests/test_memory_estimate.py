@@ -22,9 +22,11 @@ from plamo_jax.train import state as state_lib
 from plamo_jax.train.run import build_run
 
 REPO = Path(__file__).resolve().parents[1]
-# The estimate must stay within this factor of XLA's arguments + temporaries. It errs high: it keeps a
-# whole block's recomputed residuals live during its backward, which XLA partly fuses away.
-LOW, HIGH = 0.75, 2.0
+# The estimate must stay within this factor of XLA's (CPU) arguments + temporaries. Its working sets are
+# walked as the TPU compiler runs programs (elementwise chains fused, results written in place); XLA's
+# CPU backend materialises more (each attention score tensor, transposed copies), so on this host the
+# estimate runs 0.62-0.93 of XLA; against the TPU compiler it is 0.96-1.10 (tests/test_aot_tpu.py).
+LOW, HIGH = 0.6, 1.5
 LAYOUTS = {"1 device": (1, {"data": 1}), "fsdp=8": (8, {"data": 1, "fsdp": 8}),
            "data=2 x tensor=4": (8, {"data": 2, "tensor": 4}),
            "fsdp=4 x sequence=2": (8, {"data": 1, "fsdp": 4, "sequence": 2})}

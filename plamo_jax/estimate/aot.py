@@ -218,9 +218,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: Topology, 
     xla = cost = None
     text = None
     if compiled is not None:
-        analysis = compiled.memory_analysis()
-        xla = memory.XlaMemory(analysis.argument_size_in_bytes, analysis.output_size_in_bytes,
-                               analysis.alias_size_in_bytes, analysis.temp_size_in_bytes)
+        xla = memory.xla_memory_of(compiled.memory_analysis(), with_compiler_peak=True)
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         text = compiled.as_text()
@@ -329,7 +327,8 @@ def report_lines(result: AotResult) -> list[str]:
         _row("arguments (state, batch, frozen)", xla.argument, result.estimated_arguments),
         _row("outputs (aliased to donated state)", xla.output, None),
         _row("temporaries", xla.temp, None),
-        _row("peak (arguments + temporaries)", xla.peak, estimate.total),
+        _row("arguments + temporaries", xla.allocated, None),
+        _row("peak (the compiler's, live buffers)", xla.peak, estimate.total),
         f"HBM {hbm / GIB:.0f} GiB per chip: peak is {xla.peak / hbm:.0%} -> "
         + ("fits" if result.fits else "does NOT fit")
         + (f"; within the 80% rule ({memory.SAFETY_FRACTION * hbm / GIB:.1f} GiB)"

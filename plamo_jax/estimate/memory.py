@@ -1,14 +1,20 @@
 """Per-device memory of one training step, in the terms of this stack, and a check against XLA.
 
-`estimate_memory(config, num_devices)` adds up, per device:
-- parameters, gradients and AdamW states: each parameter's shard size from its logical axes, the
-  config's rules and the mesh (the same `logical_to_spec` the trainer uses), fp32;
-- activations kept for the backward pass: JAX's own residuals of one scanned block under the remat
-  policy, traced abstractly on per-device shapes (batch / heads / mlp / SSM heads divided by their
-  mesh shards), times the number of blocks, plus the scan carry of every block;
-- the peak working set of one block's backward (its recomputed residuals + cotangents), FSDP's
-  gathered weights of one block, the embedding / LM head in compute layout, logits and the loss,
-  the MoE all-to-all buffers of expert parallelism, gradient accumulation and the input batch;
+`estimate_memory(config, num_devices)` is what lives through the step plus the larger of two working
+sets that never overlap in time, per device:
+- lasting: parameters, gradients and AdamW states (each parameter's shard from its logical axes, the
+  config's rules and the mesh: the same `logical_to_spec` the trainer uses; fp32), the gradient
+  accumulator, frozen models, the input batch, and the activations kept for the backward pass: JAX's
+  own residuals of one scanned block under the remat policy, traced abstractly on per-device shapes
+  (batch / heads / mlp / SSM heads divided by their mesh shards), times the number of blocks, plus
+  the scan carry of every block;
+- the block-backward phase: one block's backward pass (its recomputation included) walked over its
+  jaxpr as XLA runs it (`estimate/liveness.py`: elementwise chains fused, buffers freed after their
+  last reader, weight gradients handed on to their reduction), FSDP's gathered weights of one block,
+  the MoE all-to-all buffers of expert parallelism and what context parallelism adds;
+- the LM-head phase: the head's weights gathered, and the final norm, the head, the loss and their
+  backward walked the same way (fp32 logits of the device's vocabulary shard, the head's fp32 weight
+  gradient before its reduction); the input embedding is read in place, never gathered;
 - under pipeline parallelism (mesh.stage > 1): one stage's parameters (the rules shard the blocks and
   the vocabulary over `stage`), the residuals of all R*M+S-1 iterations on one microbatch's rows, the
   stream of microbatches, the circular schedule's regathered blocks and the per-data-shard weight copies
@@ -19,10 +25,11 @@
 The Megatron-style formula of Fujii et al. (shared/specs/memory_estimator.md) is a second opinion
 for dense models; a configuration fits when the estimate is at most 80% of device memory.
 
-`xla_memory` compiles the real step abstractly and reads XLA's per-device analysis. On CPU the
-estimate's state bytes equal XLA's argument bytes, and its total is 0.9-1.7x XLA's arguments +
-temporaries: with remat it errs high, keeping a block's whole recomputed residual set live while
-XLA fuses part of it away (the long-context recipes: 1.6x the TPU compiler's peak, see their docstrings).
+The walk is told which compiler it models: the TPU compiler fuses elementwise producers into matmuls,
+XLA's GPU and CPU backends call GEMM libraries on operands in memory. Against the TPU compiler's own
+peak (`estimate/aot.py`, benchmarks/bench_aot.py) the five large recipes come out 0.93-1.10; against
+XLA on this CPU host (`xla_memory`, which materialises more) 0.62-0.95. The state bytes equal XLA's
+argument bytes exactly.
 """
 
 from __future__ import annotations
@@ -41,14 +48,16 @@ from jax.sharding import AbstractMesh, Mesh
 
 from plamo_jax.data import batch as batch_layout
 from plamo_jax.errors import ConfigError
+from plamo_jax.estimate import liveness
 from plamo_jax.models import attention as attention_lib
 from plamo_jax.models import kernels
-from plamo_jax.models.decoder import REMAT_POLICIES
+from plamo_jax.models.decoder import REMAT_POLICIES, Decoder
 from plamo_jax.models.family import FamilySpec
 from plamo_jax.parallel import context as context_lib
 from plamo_jax.parallel.pipeline import STAGE_AXIS, PipelinePlan, PipelineSettings, data_copies
 from plamo_jax.parallel.rules import MESH_AXES, Rules, logical_to_spec, sharding_context
 from plamo_jax.train import state as state_lib
+from plamo_jax.train.losses import chunked_cross_entropy_sums, cross_entropy_sums
 from plamo_jax.train.run import Run, build_run
 
 GIB = 2**30
@@ -71,12 +80,19 @@ TRAIN_STATE_SCALAR_BYTES = 4 + 8  # the state's int32 step and uint32[2] RNG key
 COMMUNICATOR_BYTES = 0.5e9  # Fujii et al.: about 0.5 GB of NCCL buffers per communicator
 
 
+# Two stretches of the step that never overlap: the LM head and loss (forward and backward), then each
+# block's backward in turn. Each holds its working set on top of what lives through the step.
+HEAD_PHASE = "LM head and loss"
+BLOCK_PHASE = "block backward"
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryItem:
     name: str
     bytes: float
     note: str
     counted: bool = True  # False: a share of another item, shown for the breakdown only
+    phase: str | None = None  # None: lives through the step; else HEAD_PHASE or BLOCK_PHASE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +122,24 @@ class MemoryEstimate:
     megatron: MegatronEstimate | None
 
     @property
+    def phases(self) -> dict[str, float]:
+        """Bytes of each phase's working set."""
+        found: dict[str, float] = {}
+        for item in self.items:
+            if item.counted and item.phase is not None:
+                found[item.phase] = found.get(item.phase, 0.0) + item.bytes
+        return found
+
+    @property
+    def peak_phase(self) -> str | None:
+        phases = self.phases
+        return max(phases, key=phases.get) if phases else None
+
+    @property
     def total(self) -> float:
-        return sum(item.bytes for item in self.items if item.counted)
+        """What lives through the step + the larger phase's working set."""
+        lasting = sum(item.bytes for item in self.items if item.counted and item.phase is None)
+        return lasting + max(self.phases.values(), default=0.0)
 
     @property
     def budget(self) -> float:
@@ -129,10 +161,15 @@ class MemoryEstimate:
         mesh = " x ".join(used) or "1 device"
         lines = [f"{self.config_name}: {self.num_devices} device(s), mesh {mesh}, remat {self.remat}",
                  f"{'item (per device)':44s} {'bytes':>12s}  note"]
-        for item in self.items:
-            name = item.name if item.counted else f"  (of which) {item.name}"
-            lines.append(f"{name:44s} {format_bytes(item.bytes):>12s}  {item.note}")
-        lines.append(f"{'total':44s} {format_bytes(self.total):>12s}")
+        phases = self.phases
+        for phase in (None, *phases):
+            if phase is not None:
+                peak = " (the peak)" if phase == self.peak_phase else " (not at the peak: not counted)"
+                lines.append(f"[{phase}]{peak}: {format_bytes(phases[phase])}")
+            for item in (item for item in self.items if item.phase == phase):
+                name = item.name if item.counted else f"  (of which) {item.name}"
+                lines.append(f"{name:44s} {format_bytes(item.bytes):>12s}  {item.note}")
+        lines.append(f"{'total':44s} {format_bytes(self.total):>12s}  lasting items + the larger phase")
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"{self.device}: {self.device_memory / GIB:.0f} GiB; 80% = {self.budget / GIB:.1f} GiB"
                      f" -> {verdict} ({self.total / self.device_memory:.0%} of device memory)")
@@ -214,7 +251,7 @@ class ParameterBytes:
     optimizer_bytes: float  # every optimizer state leaf on one device, plus the step and RNG key
     block_stored_elements: float  # one scanned block's weights as stored on a device (of its stage's blocks)
     block_compute_elements: float  # one scanned block's weights as computed (batch axes gathered)
-    embeddings_compute_elements: float  # the embedding and LM head as computed
+    head_compute_elements: float  # the LM head (the embedding when tied) as computed
     count: int
 
 
@@ -243,6 +280,7 @@ def parameter_bytes(run: Run, layout: Layout, num_blocks: int) -> ParameterBytes
 
     shards = jax.tree_util.tree_map_with_path(shard, abstract_params, logical)
     leaves = jax.tree.leaves(shards)
+    head_module = "lm_head" if any(p.module == "lm_head" for p in leaves) else "embed"
     optimizer = run.optimizer
     opt_bytes = optax.tree_map_params(
         optimizer, lambda leaf, p: p.stored * leaf.dtype.itemsize,
@@ -254,7 +292,7 @@ def parameter_bytes(run: Run, layout: Layout, num_blocks: int) -> ParameterBytes
         + nbytes(jax.tree.leaves(state_lib.abstract_guard(run.guard))),  # its windows, replicated
         block_stored_elements=sum(p.stored for p in leaves if p.module == "blocks") / local_blocks,
         block_compute_elements=sum(p.compute for p in leaves if p.module == "blocks") / local_blocks,
-        embeddings_compute_elements=sum(p.compute for p in leaves if p.module in ("embed", "lm_head")),
+        head_compute_elements=sum(p.compute for p in leaves if p.module == head_module),
         count=state_lib.parameter_count(abstract_params),
     )
 
@@ -310,7 +348,7 @@ def local_model_config(model_cfg: ml_collections.ConfigDict, family: FamilySpec,
 class ContextParallel:
     """How attention meets the other sequence shards' keys and values (parallel/context.py)."""
 
-    strategy: str  # "none" (also without sequence shards), "all_gather" or "ring"
+    strategy: str  # "none" (also without sequence shards), "all_gather", "ring" or "ulysses"
     shards: int  # devices along the `sequence` axis
     block: int  # the flash kernel's block length inside context parallelism
 
@@ -332,8 +370,36 @@ def context_parallel(model_cfg: ml_collections.ConfigDict, layout: Layout, seq_l
 @dataclasses.dataclass(frozen=True)
 class BlockActivations:
     residuals: dict[str, float]  # bytes of one block's residuals per remat policy
-    cotangents: float  # the two largest residuals again: gradients live next to their primals
+    backward: float  # one block's backward pass (recomputation included) beyond what its forward keeps
     family_part: float  # residuals of the family's own part (SSM mixers, MoE MLP) of a block (remat none)
+
+
+def walked_bytes(fn, differentiable, fixed, *, operands_fused: bool, with_forward: bool) -> float:
+    """Peak bytes of fn(differentiable, fixed)'s gradient computation by the liveness walk
+    (estimate/liveness.py), gradients handed on as they are written, inputs excluded.
+
+    with_forward: walk the forward and backward passes as one program; else only the backward pass,
+    whose inputs (the forward's residuals and the incoming cotangent) are counted elsewhere. Under
+    rematerialisation the backward pass recomputes the forward, and the walk includes that.
+    operands_fused: see liveness.peak_bytes (True for the TPU compiler)."""
+    output = jax.eval_shape(fn, differentiable, fixed)
+    if with_forward:
+        def program(differentiable, fixed, cotangent):
+            return jax.vjp(lambda d: fn(d, fixed), differentiable)[1](cotangent)
+
+        jaxpr = jax.make_jaxpr(program)(differentiable, fixed, output)
+    else:
+        pullback_tree = {}
+
+        def forward(differentiable, fixed):
+            pullback = jax.vjp(lambda d: fn(d, fixed), differentiable)[1]
+            leaves, pullback_tree["tree"] = jax.tree.flatten(pullback)
+            return leaves
+
+        residuals = jax.eval_shape(forward, differentiable, fixed)
+        jaxpr = jax.make_jaxpr(lambda leaves, cotangent: jax.tree.unflatten(pullback_tree["tree"], leaves)(
+            cotangent))(residuals, output)
+    return float(liveness.peak_bytes(jaxpr, keep_results=False, matmul_operands_fused=operands_fused))
 
 
 def traced_model_config(local_cfg: ml_collections.ConfigDict, cp: ContextParallel,
@@ -373,17 +439,24 @@ def block_activations(family: FamilySpec, local_cfg: ml_collections.ConfigDict, 
     cp = cp or ContextParallel("none", length_shards, local_cfg.attention_block)
     x = jax.ShapeDtypeStruct((batch, length, local_cfg.d_model), jnp.dtype(local_cfg.dtype))
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    residuals, largest = {}, 0.0
+    residuals = {}
     # By default trace the kernels GPUs / TPUs run (e.g. grouped matmuls), not a CPU fallback.
     with contextlib.nullcontext() if host_kernels else kernels.kernels_for(kernel_platform):
         traced_cfg = traced_model_config(local_cfg, cp, length)
         block = nnx.eval_shape(lambda: family.block(traced_cfg, rngs=nnx.Rngs(0)))
         whole = [(block, lambda b, h, seg: b(h, seg, seg, jnp.int32(0))[0])]
         for name, policy in REMAT_POLICIES.items():
-            avals = module_residuals(whole, x, ids, policy)
-            residuals[name] = nbytes(avals) / length_shards
-            if name == "none":
-                largest = sum(sorted((nbytes([a]) for a in avals), reverse=True)[:2]) / length_shards
+            residuals[name] = nbytes(module_residuals(whole, x, ids, policy)) / length_shards
+        graphdef, params = nnx.split(block)
+
+        def apply(differentiable, segment_ids):
+            weights, h = differentiable
+            return nnx.merge(graphdef, weights)(h, segment_ids, segment_ids, jnp.int32(0))[0]
+
+        policy = REMAT_POLICIES[local_cfg.remat]
+        fn = apply if policy is None else jax.checkpoint(apply, policy=policy)
+        backward = walked_bytes(fn, (params, x), ids, with_forward=False,
+                                operands_fused=kernel_platform == "tpu" and not host_kernels) / length_shards
         parts = family.memory_part.select(block) if family.memory_part is not None else []
         family_part = nbytes(module_residuals(parts, x, ids, None))
     if cp.strategy != "ring":
@@ -391,7 +464,40 @@ def block_activations(family: FamilySpec, local_cfg: ml_collections.ConfigDict, 
         attention_layers = family.attention_layers_per_block(local_cfg)
         gathered = kv_bytes(local_cfg, batch, length) * (1 - 1 / length_shards)
         residuals["none"] += attention_layers * gathered
-    return BlockActivations(residuals, largest, family_part / length_shards)
+    return BlockActivations(residuals, backward, family_part / length_shards)
+
+
+def head_and_loss_bytes(local_cfg: ml_collections.ConfigDict, local_vocab: int,
+                        rows: int, length: int, loss_chunk: int, z_loss: float, *,
+                        operands_fused: bool) -> float:
+    """One device's final norm, LM head and loss, forward and backward, by the liveness walk: the fp32
+    logits of its vocabulary shard (all positions, or `loss_chunk` at a time as train/losses.py runs
+    them), the cross entropy and z-loss and their gradients, and the head's fp32 weight gradient
+    before it is reduced. The decoder's own head and norm are traced (abstractly) on a model whose
+    vocabulary is the device's shard; the gathered head weights are counted apart."""
+    head_cfg = ml_collections.ConfigDict(local_cfg.to_dict())
+    head_cfg.vocab_size = local_vocab
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(head_cfg, rngs=nnx.Rngs(0))))
+    params = nnx.to_pure_dict(params)
+    head_keys = ("final_norm", "embed" if local_cfg.tie_embeddings else "lm_head")
+    head = {key: params[key] for key in head_keys}
+    rest = {key: value for key, value in params.items() if key not in head_keys}
+    x = jax.ShapeDtypeStruct((rows, length, local_cfg.d_model), jnp.dtype(local_cfg.dtype))
+    targets = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+    mask = jax.ShapeDtypeStruct((rows, length), jnp.float32)
+
+    def loss(differentiable, fixed):
+        (head, x), (rest, targets, mask) = differentiable, fixed
+        model = nnx.merge(graphdef, {**rest, **head})
+        normed = model.final_norm(x)
+        if loss_chunk:
+            sums, _ = chunked_cross_entropy_sums(model.head(), normed, targets, mask, z_loss, loss_chunk)
+        else:
+            sums = cross_entropy_sums(model.head()(normed), targets, mask, z_loss)
+        return sums["cross_entropy"] + sums["z_loss"]
+
+    return walked_bytes(loss, (head, x), (rest, targets, mask), with_forward=True,
+                        operands_fused=operands_fused)
 
 
 def kv_bytes(local_cfg: ml_collections.ConfigDict, batch: int, length: int,
@@ -416,6 +522,17 @@ def context_working_set(local_cfg: ml_collections.ConfigDict, cp: ContextParalle
     """(bytes, note): what one attention layer's backward holds on top of its residuals under context
     parallelism; layers run one after another, so one layer's worth per device."""
     local = length // cp.shards
+    if cp.strategy == "ulysses":
+        # Each shard attends all `length` tokens for 1/S of the heads: the kernel's fp32 dK/dV hold a local
+        # shard's worth of elements; the q/k/v gradients then go back through the all-to-all.
+        heads, kv_heads = local_cfg.num_heads, local_cfg.num_kv_heads
+        split_heads = ml_collections.ConfigDict({**local_cfg.to_dict(), "num_heads": heads // cp.shards})
+        kernel = flash_temporaries(split_heads, batch, length, cp.block)
+        held = kv_bytes(local_cfg, batch, local, FP32_BYTES) + kv_bytes(local_cfg, batch, local) * (
+            1 + heads / (2 * kv_heads))
+        return held + kernel, (f"ulysses: fp32 dK/dV of {length} tokens x 1/{cp.shards} of the heads + "
+                               f"dQ/dK/dV through the all-to-all {format_bytes(held)}; flash "
+                               f"{cp.block}x{cp.block} temporaries {format_bytes(kernel)}")
     kernel = flash_temporaries(local_cfg, batch, local, cp.block)
     if cp.strategy == "ring":
         # The backward's second ring: the key/value block in flight beside the held one, and the fp32
@@ -493,7 +610,6 @@ def estimate_memory(config: ml_collections.ConfigDict, num_devices: int, *, devi
         MemoryItem("gradients", fp32_shards, "fp32, laid out like the parameters"),
         MemoryItem("optimizer states", params.optimizer_bytes,
                    "AdamW mu + nu (fp32), step counts, RNG key, guard windows"),
-        MemoryItem("optimizer update", fp32_shards, "fp32 clipped gradients / updates before applying"),
     ]
     if train.microbatches > 1:
         items.append(MemoryItem("gradient accumulation", fp32_shards,
@@ -534,11 +650,14 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
     if plan is not None:  # each iteration runs K blocks on one microbatch's rows
         batch = -(-batch // plan.microbatches)
         tokens = batch * length
+    if plan is not None and m.remat == "save_dots":
+        local_cfg.remat = "full"  # inside the pipeline save_dots keeps what full keeps
+    # the TPU compiler fuses elementwise producers into matmuls; GEMM libraries (GPU, CPU) read memory
+    operands_fused = kernel_platform == "tpu" and not host_kernels
     blocks = block_activations(family, local_cfg, batch, train.seq_len, layout.divisor("act_length"),
                                host_kernels, cp, kernel_platform)
     saved = blocks.residuals[m.remat]
     carry = dtype_bytes * tokens * m.d_model  # the scan keeps every block's input
-    recompute = blocks.residuals["none"] - saved
     dispatch = family.dispatch_bytes(m, layout.divisor, tokens)
     dispatch_saved = dispatch if m.remat == "none" else 0.0
     if plan is None:
@@ -561,18 +680,18 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
             pipeline_items.append(MemoryItem("pipeline weight copies per data shard", 2 * stage_blocks,
                                              f"this shard's fp32 copy of the stage's blocks ({copies} data "
                                              "shards) + its gradient, reduced once after the loop"))
-    # FSDP all-gathers one block's weights (in compute dtype) and reduce-scatters its fp32 gradients;
-    # without FSDP only a bf16 cast is made, and fp32 weights are used in place.
+    # FSDP all-gathers one block's weights in compute dtype (their fp32 gradients, written before the
+    # reduce-scatter, are in the walked backward); without FSDP a bf16 copy is made of fp32 weights.
     gathers = params.block_compute_elements > params.block_stored_elements
     cast_bytes = dtype_bytes if gathers or dtype_bytes != FP32_BYTES else 0
-    block_weights = params.block_compute_elements * (cast_bytes + (FP32_BYTES if gathers else 0))
+    block_weights = params.block_compute_elements * cast_bytes
     local_vocab = layout.local(m.vocab_size, "act_vocab")
     # train.loss_chunk: one chunk of positions' logits at a time (train/losses.py), not under sequence
     # parallelism (the positions are sharded there)
     chunked = train.loss_chunk and layout.divisor("act_length") == 1 and train.seq_len > train.loss_chunk
-    logit_tokens = head_tokens * train.loss_chunk // train.seq_len if chunked else head_tokens
-    logits = logit_tokens * local_vocab * (2 * FP32_BYTES + dtype_bytes * (dtype_bytes != FP32_BYTES))
-    logits += head_tokens * m.d_model * dtype_bytes  # final norm output, kept for the head's weight gradient
+    head = head_and_loss_bytes(local_cfg, local_vocab, head_tokens // length, length,
+                               train.loss_chunk if chunked else 0, train.z_loss,
+                               operands_fused=operands_fused)
     input_bytes = sum(batch_layout.dtype_of(key).itemsize for key in objective.batch_keys) * examples * length
     items = [
         MemoryItem("input batch", input_bytes, f"{', '.join(batch_layout.FIELDS)} per sequence"),
@@ -580,30 +699,36 @@ def activation_items(run: Run, layout: Layout, params: ParameterBytes, num_block
         *pipeline_items,
     ]
     if blocks.family_part and family.memory_part is not None:
-        where = "saved in every block" if m.remat == "none" else "part of the working set"
+        where = "saved in every block" if m.remat == "none" else "part of the block backward"
         items.append(MemoryItem(family.memory_part.label, blocks.family_part,
-                                f"one block's {family.memory_part.what}, {where}", counted=False))
-    if dispatch:
-        items.append(MemoryItem("MoE all-to-all dispatch buffers", dispatch,
-                                f"one block, {layout.divisor('expert')} expert shards; "
-                                + ("saved in every block" if m.remat == "none" else "working set"),
-                                counted=m.remat != "none"))
+                                f"one block's {family.memory_part.what} residuals, {where}", counted=False,
+                                phase=None if m.remat == "none" else BLOCK_PHASE))
     items += [
-        MemoryItem("block recompute + backward working set", recompute + blocks.cotangents,
-                   f"one block: recomputed residuals {format_bytes(recompute)} + cotangents "
-                   f"{format_bytes(blocks.cotangents)}"),
+        MemoryItem("block backward working set", blocks.backward,
+                   f"one block's backward{' with its recomputation' * (m.remat != 'none')}, walked "
+                   "(estimate/liveness.py): temporaries and fp32 weight gradients before their reduction",
+                   phase=BLOCK_PHASE),
+        MemoryItem("gathered block weights", block_weights, "one block's weights in compute dtype",
+                   phase=BLOCK_PHASE),
     ]
+    if dispatch:
+        saved_per_block = m.remat == "none"
+        items.append(MemoryItem("MoE all-to-all dispatch buffers", dispatch,
+                                f"one block, {layout.divisor('expert')} expert shards"
+                                + ("; saved in every block (in the activations above)" * saved_per_block),
+                                counted=not saved_per_block, phase=None if saved_per_block else BLOCK_PHASE))
     if cp.active:
         working, note = context_working_set(local_cfg, cp, batch, train.seq_len)
-        items.append(MemoryItem(f"context parallel attention ({cp.shards} shards)", working, note))
+        items.append(MemoryItem(f"context parallel attention ({cp.shards} shards)", working, note,
+                                phase=BLOCK_PHASE))
     items += [
-        MemoryItem("gathered block weights", block_weights,
-                   "one block's weights in compute dtype" + (" + unreduced fp32 grads (FSDP)" * gathers)),
-        MemoryItem("embedding / LM head gathered",
-                   params.embeddings_compute_elements * (dtype_bytes + FP32_BYTES),
-                   "compute-dtype copy + unreduced fp32 gradient"),
-        MemoryItem("logits and cross entropy", logits, "fp32 logits + fp32 dlogits (+ cast) + final norm"
-                   + (f", {train.loss_chunk} of {train.seq_len} positions at a time" if chunked else "")),
+        MemoryItem("LM head weights gathered", params.head_compute_elements * dtype_bytes,
+                   "the head (or tied embedding) in compute dtype; the input embedding is read in place",
+                   phase=HEAD_PHASE),
+        MemoryItem("logits, loss and head gradient", head,
+                   "walked: final norm, fp32 logits of the vocabulary shard"
+                   + (f" ({train.loss_chunk} of {train.seq_len} positions at a time)" if chunked else "")
+                   + ", loss gradients, fp32 head gradient before its reduction", phase=HEAD_PHASE),
     ]
     return items
 
@@ -656,11 +781,27 @@ class XlaMemory:
     output: int
     alias: int
     temp: int
+    compiler_peak: int = 0  # the compiler's own peak of live bytes (peak_memory_in_bytes), 0 if not given
+
+    @property
+    def allocated(self) -> int:
+        """Arguments + temporaries (outputs alias the donated state)."""
+        return self.argument + self.temp
 
     @property
     def peak(self) -> int:
-        """Arguments + temporaries: outputs alias the donated state."""
-        return self.argument + self.temp
+        """The most the program holds at once: the compiler's own figure where it gives one. The TPU
+        compiler's temporaries count regions it overlaps: it accepted llama3_8b at 12 sequences per v5p
+        chip with arguments + temporaries of 102.9 GiB > 95 GiB HBM, its peak being 76.3 GiB."""
+        return self.compiler_peak or self.allocated
+
+
+def xla_memory_of(analysis, *, with_compiler_peak: bool = False) -> XlaMemory:
+    """XlaMemory from a compiled executable's memory_analysis(). with_compiler_peak: take its
+    peak_memory_in_bytes (the TPU compiler's is its live peak; XLA CPU's leaves the temporaries out)."""
+    peak = int(getattr(analysis, "peak_memory_in_bytes", 0) or 0) if with_compiler_peak else 0
+    return XlaMemory(analysis.argument_size_in_bytes, analysis.output_size_in_bytes,
+                     analysis.alias_size_in_bytes, analysis.temp_size_in_bytes, peak)
 
 
 def xla_memory(config: ml_collections.ConfigDict, devices: Sequence | None = None) -> XlaMemory:
@@ -668,6 +809,4 @@ def xla_memory(config: ml_collections.ConfigDict, devices: Sequence | None = Non
     run = build_run(config, list(devices if devices is not None else jax.devices()))
     with sharding_context(run.mesh, run.rules):
         lowered = run.step.lower(run.abstract_state(), run.abstract_batch(), run.abstract_frozen())
-        analysis = lowered.compile().memory_analysis()
-    return XlaMemory(analysis.argument_size_in_bytes, analysis.output_size_in_bytes,
-                     analysis.alias_size_in_bytes, analysis.temp_size_in_bytes)
+        return xla_memory_of(lowered.compile().memory_analysis())

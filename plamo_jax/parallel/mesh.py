@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -14,6 +15,8 @@ from jax.sharding import AbstractMesh, Mesh
 
 from plamo_jax.errors import ConfigError
 from plamo_jax.parallel.rules import MESH_AXES
+
+log = logging.getLogger(__name__)
 
 
 def resolve_axis_sizes(
@@ -58,10 +61,25 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) 
     if math.prod(dcn_shape) > 1:
         grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
     elif devices[0].platform in ("gpu", "tpu"):
-        grid = mesh_utils.create_device_mesh(ici_shape, devices=devices)  # topology-aware placement
+        grid = _torus_mesh(ici_shape, devices)
     else:  # CPU devices have no interconnect topology to follow
         grid = np.array(devices).reshape(ici_shape)
     return Mesh(grid, MESH_AXES)
+
+
+def _torus_mesh(ici_shape: list[int], devices: list) -> np.ndarray:
+    """Topology-aware placement: each mesh axis on whole physical torus axes where the sizes allow; else
+    (e.g. expert=8 on a 4x4x4 slice) physical axes are split between mesh axes, as MaxText's
+    allow_split_physical_axes does: it runs, but a split axis's collectives lose their wrap-around links."""
+    try:
+        return mesh_utils.create_device_mesh(ici_shape, devices=devices)
+    except NotImplementedError:
+        grid = mesh_utils.create_device_mesh(ici_shape, devices=devices, allow_split_physical_axes=True)
+        sizes = ", ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, ici_shape, strict=True)
+                          if size > 1)
+        log.warning("mesh (%s) does not fit the slice's physical axes whole; physical axes are split "
+                    "between mesh axes (slower collectives on those axes)", sizes)
+        return grid
 
 
 def make_abstract_mesh(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> AbstractMesh:

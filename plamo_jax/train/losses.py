@@ -34,6 +34,16 @@ def chunked_cross_entropy_sums(head, x_BLD: jax.Array, targets_BL: jax.Array, lo
     return sums, largest
 
 
+def target_logits(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
+    """logits[b, l, targets[b, l]] as a masked sum over the vocabulary rather than a gather: the
+    comparison with the vocabulary index fuses into the pass that reads the logits, and its gradient is
+    a select fused into the logits' gradient, where a gather's is a scatter into a zeroed [B, L, V]
+    buffer (another logits-sized array at the peak). Under vocabulary sharding each shard compares its
+    own slice of the index."""
+    vocab_ids = jax.lax.broadcasted_iota(targets_BL.dtype, logits_BLV.shape, logits_BLV.ndim - 1)
+    return jnp.sum(jnp.where(vocab_ids == targets_BL[..., None], logits_BLV, 0.0), axis=-1)
+
+
 def cross_entropy_sums(
     logits_BLV: jax.Array, targets_BL: jax.Array, loss_mask_BL: jax.Array, z_loss: float
 ) -> dict[str, jax.Array]:
@@ -45,7 +55,7 @@ def cross_entropy_sums(
     logits = logits_BLV.astype(jnp.float32)
     mask = loss_mask_BL.astype(jnp.float32)
     log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets_BL[..., None], axis=-1)[..., 0]
+    target_logit = target_logits(logits, targets_BL)
     cross_entropy = (log_normalizer - target_logit) * mask
     z_term = z_loss * jnp.square(log_normalizer) * mask
     correct = (jnp.argmax(logits, axis=-1) == targets_BL).astype(jnp.float32) * mask
@@ -62,7 +72,7 @@ def sequence_log_probs(
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of log p(target) over masked-in positions [B], masked-in tokens [B]) per row, in fp32."""
     logits = logits_BLV.astype(jnp.float32)
-    target_logit = jnp.take_along_axis(logits, targets_BL[..., None], axis=-1)[..., 0]
+    target_logit = target_logits(logits, targets_BL)
     log_probs = target_logit - jax.nn.logsumexp(logits, axis=-1)
     mask = loss_mask_BL.astype(jnp.float32)
     return jnp.sum(log_probs * mask, axis=-1), jnp.sum(mask, axis=-1)
