@@ -54,6 +54,14 @@ LIBTPU_QUIET_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhos
 ACCELERATOR_TYPE = {"v4": "v4-8", "v5e": "v5litepod-8", "v5p": "v5p-8", "v6e": "v6e-8"}
 ARGUMENT_ITEMS = ("parameters", "optimizer states", "input batch", "frozen parameters")
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+SENT_PER_RESULT_BYTE = {"all-gather": 0.5, "reduce-scatter": 1.0, "all-reduce": 1.0, "all-to-all": 0.5,
+                        "collective-permute": 1.0}
+# Interconnect bytes per second per chip, one direction: half the bidirectional ICI bandwidth Google's
+# Cloud TPU pages give (v5e 400 GBps, v5p 1200 GBps, v6e 800 GBps); for v4, whose page gives none,
+# the pod's all-reduce bandwidth (1.1 PB/s) over its 4096 chips. DCN: v5p 50 Gbps per chip, v5e two
+# 100 Gbps NICs per 8-chip host; the others are not given per chip.
+ICI_BANDWIDTH = {"v4": 1.1e15 / 4096, "v5e": 200e9, "v5p": 600e9, "v6e": 400e9}
+DCN_BANDWIDTH = {"v5e": 2 * 100e9 / 8 / 8, "v5p": 50e9 / 8}
 _NAME = re.compile(r"^(?P<generation>v[0-9a-z]+):(?P<shape>[0-9]+(?:x[0-9]+)*)$")
 _HLO_ARRAY = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|f8e\w+|bf16|f16|f32|f64)\[([0-9,]*)\]")
 _HLO_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
@@ -135,6 +143,15 @@ class Collective:
     kind: str
     count: int  # ops in the optimized program (a scanned loop's body counts once)
     bytes: float  # their result bytes per chip, summed the same way
+    per_step: int = 0  # ops executed per step (each times its loops' trip counts)
+    per_step_bytes: float = 0.0  # their result bytes per chip per step
+
+    @property
+    def sent_bytes(self) -> float:
+        """A lower bound on the bytes each chip sends per step for these ops, whatever the group size
+        n >= 2: ring algorithms send 2(n-1)/n of an all-reduce (>= 1x), (n-1)/n of an all-gather's or
+        all-to-all's result (>= 1/2), (n-1) times a reduce-scatter's result (>= 1x), a permute's whole."""
+        return self.per_step_bytes * SENT_PER_RESULT_BYTE[self.kind]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +170,7 @@ class AotResult:
     collectives: tuple[Collective, ...]
     hlo_text: str | None  # the optimized per-chip HLO module
     unrolled: bool = False  # the layer scan was unrolled, so XLA's FLOPs count every layer
+    dcn_data: int = 1  # slices the data axis spans (mesh.dcn_data)
     stablehlo_text: str | None = None  # what was handed to the compiler, when artifacts were asked for
     executable: bytes | None = None  # serialize_executable's payload, when artifacts were asked for
 
@@ -170,19 +188,31 @@ class AotResult:
         """Estimate / compiled peak."""
         return None if self.xla is None else self.estimate.total / max(self.xla.peak, 1)
 
-    def roofline_seconds(self) -> tuple[float | None, float | None]:
-        """(compute, HBM) lower bounds on one step's time: FLOPs at the bf16 peak, XLA's bytes at the
-        HBM bandwidth. Collectives, ICI and DCN are not counted: an estimate, not a prediction.
+    def roofline_seconds(self) -> dict[str, float]:
+        """Lower bounds on one step's time, each alone: "compute" (FLOPs at the bf16 peak), "HBM" (XLA's
+        bytes accessed at the HBM bandwidth), "ICI" (what each chip must send for the program's
+        collectives, per step, at its interconnect bandwidth) and "DCN" (across slices of a
+        multi-slice data axis, each chip's gradient shard at least once). An estimate, not a
+        prediction: the step takes at least the largest of them.
 
         The FLOPs are the larger of XLA's count and the model formula: XLA counts a scanned layer
-        loop's body once (unless --unroll), the formula leaves out recomputation and the optimizer.
+        loop's body once (unless --unroll), the formula leaves out recomputation and the optimizer;
+        XLA's bytes accessed also count a loop body once. Collectives that cross slices other than
+        the data axis's are counted at ICI speed: the bound stays a lower one.
         """
+        generation = self.topology.generation
+        bounds = {}
         peak = self.topology.peak_flops
-        flops = max(self.xla_flops or 0.0, self.model_flops)
-        compute = flops / peak if peak else None
-        bandwidth = HBM_BANDWIDTH[self.topology.generation]
-        hbm = self.xla_bytes_accessed / bandwidth if self.xla_bytes_accessed else None
-        return compute, hbm
+        if peak:
+            bounds["compute"] = max(self.xla_flops or 0.0, self.model_flops) / peak
+        if self.xla_bytes_accessed:
+            bounds["HBM"] = self.xla_bytes_accessed / HBM_BANDWIDTH[generation]
+        sent = sum(collective.sent_bytes for collective in self.collectives)
+        if sent:
+            bounds["ICI"] = sent / ICI_BANDWIDTH[generation]
+        if self.dcn_data > 1 and generation in DCN_BANDWIDTH:
+            bounds["DCN"] = self.estimate.bytes_of("gradients") / DCN_BANDWIDTH[generation]
+        return bounds
 
     def report(self) -> str:
         return "\n".join(report_lines(self))
@@ -233,6 +263,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: Topology, 
         collectives=collectives(text) if text else (),
         hlo_text=text,
         unrolled=int(config.model.scan_unroll) >= int(config.model.num_layers),
+        dcn_data=int(config.mesh.get("dcn_data", 1)),
         stablehlo_text=lowered.as_text() if artifacts else None,
         executable=_serialized(compiled) if artifacts and compiled is not None else None,
     )
@@ -253,48 +284,103 @@ def _oom_summary(message: str) -> str:
     return "the TPU compiler: " + message.strip().splitlines()[0][:400]
 
 
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """({computation name: its lines}, the entry computation's name) of an HLO module's text."""
+    computations: dict[str, list[str]] = {}
+    entry = current = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(ENTRY )?%(\S+) ", line)
+        if header and line.rstrip().endswith("{"):
+            current = header.group(2)
+            computations[current] = []
+            entry = current if header.group(1) else entry
+        elif current is not None:
+            computations[current].append(line)
+    return computations, entry
+
+
+_CALLS = re.compile(r"(?:body|condition|calls|to_apply|branch_computations)=(\{[^}]*\}|%[\w.\-]+)")
+
+
+def _called(lines: list[str]) -> set[str]:
+    return set(re.findall(r"%([\w.\-]+)", " ".join(_CALLS.findall("\n".join(lines)))))
+
+
+def _trip_count(loop: str, condition: list[str]) -> int:
+    """Iterations of a while loop: the trip count XLA noted on it, else (the TPU compiler's text has no
+    backend notes) its condition's comparison of the counter with a constant (`i < N`, as every scan
+    lowers to); 1 when the condition has another form."""
+    noted = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop)
+    if noted:
+        return int(noted.group(1))
+    constants = dict(re.findall(r"%([\w.\-]+) = s32\[\]\S* constant\((\d+)\)", "\n".join(condition)))
+    for line in condition:
+        compare = re.search(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", line)
+        if compare and compare.group(1) in constants:
+            return int(constants[compare.group(1)])
+    return 1
+
+
+def runs_per_step(hlo_text: str) -> dict[str, int]:
+    """How many times each computation runs in one execution of the module: a while loop's body and
+    condition run its trip count times per run of the computation holding the loop."""
+    computations, entry = _computations(hlo_text)
+    if entry is None:  # a fragment (e.g. `inside_loops`): every computation once
+        return dict.fromkeys(computations, 1)
+    runs = {entry: 1}
+    pending = [entry]
+    while pending:
+        name = pending.pop()
+        for line in computations.get(name, ()):
+            loop = re.search(r"condition=%([\w.\-]+), body=%([\w.\-]+)", line)
+            times = runs[name] * (_trip_count(line, computations.get(loop.group(1), [])) if loop else 1)
+            for callee in _called([line]):
+                if callee in computations and runs.get(callee, 0) < times:
+                    runs[callee] = times
+                    pending.append(callee)
+    return runs
+
+
 def collectives(hlo_text: str) -> tuple[Collective, ...]:
-    """Count and result bytes of each collective kind in an optimized HLO module's text.
+    """Count and result bytes of each collective kind in an optimized HLO module's text, as written
+    (a loop body once) and per execution (each op times the runs of its computation, `runs_per_step`).
 
     Asynchronous pairs (`all-gather-start` / `all-gather-done`) count once, at their start; the
     result shape of a start op includes its operand, so only the last array of a tuple is taken.
     """
-    found = {kind: [0, 0.0] for kind in COLLECTIVES}
-    for line in hlo_text.splitlines():
-        head, sep, rest = line.partition(" = ")
-        if not sep:
-            continue
-        for kind in COLLECTIVES:
-            # "%ag = bf16[8,128]{1,0} all-gather(...)" or "... all-gather-start(...)"
-            op = re.search(rf"\s{kind}(-start)?\(", rest)
-            if op is None:
+    computations, _ = _computations(hlo_text)
+    runs = runs_per_step(hlo_text)
+    found = {kind: [0, 0.0, 0, 0.0] for kind in COLLECTIVES}
+    for name, lines in (computations or {"": hlo_text.splitlines()}).items():
+        times = runs.get(name, 1)
+        for line in lines:
+            head, sep, rest = line.partition(" = ")
+            if not sep:
                 continue
-            arrays = _HLO_ARRAY.findall(rest[: op.start()])
-            if op.group(1) and len(arrays) > 1:
-                arrays = arrays[len(arrays) // 2:]  # (operands..., results...)
-            found[kind][0] += 1
-            found[kind][1] += sum(_HLO_BYTES.get(dtype, 1) * math.prod(int(d) for d in dims.split(",") if d)
-                                  for dtype, dims in arrays)
-            break
-    return tuple(Collective(kind, count, size) for kind, (count, size) in found.items() if count)
+            for kind in COLLECTIVES:
+                # "%ag = bf16[8,128]{1,0} all-gather(...)" or "... all-gather-start(...)"
+                op = re.search(rf"\s{kind}(-start)?\(", rest)
+                if op is None:
+                    continue
+                arrays = _HLO_ARRAY.findall(rest[: op.start()])
+                if op.group(1) and len(arrays) > 1:
+                    arrays = arrays[len(arrays) // 2:]  # (operands..., results...)
+                size = sum(_HLO_BYTES.get(dtype, 1) * math.prod(int(d) for d in dims.split(",") if d)
+                           for dtype, dims in arrays)
+                found[kind][0] += 1
+                found[kind][1] += size
+                found[kind][2] += times
+                found[kind][3] += size * times
+                break
+    return tuple(Collective(kind, count, size, per_step, per_step_bytes)
+                 for kind, (count, size, per_step, per_step_bytes) in found.items() if count)
 
 
 def inside_loops(hlo_text: str) -> str:
     """The text of the computations a `while` loop runs (its bodies and what they call, transitively):
     `collectives(inside_loops(text))` are the collectives paid once per iteration."""
-    computations: dict[str, list[str]] = {}
-    current = None
-    for line in hlo_text.splitlines():
-        header = re.match(r"^(?:ENTRY )?%(\S+) ", line)
-        if header and line.rstrip().endswith("{"):
-            current = header.group(1)
-            computations[current] = []
-        elif current is not None:
-            computations[current].append(line)
-    called = {name: set(re.findall(r"%([\w.\-]+)", " ".join(
-        re.findall(r"(?:body|condition|calls|to_apply|branch_computations)=(\{[^}]*\}|%[\w.\-]+)",
-                   "\n".join(lines)))))
-        for name, lines in computations.items()}
+    computations, _ = _computations(hlo_text)
+    called = {name: _called(lines) for name, lines in computations.items()}
     pending = list(set(re.findall(r"body=%([\w.\-]+)", hlo_text)))
     reached: set[str] = set()
     while pending:
@@ -342,18 +428,16 @@ def report_lines(result: AotResult) -> list[str]:
                      f"model formula {model:.3e}")
     else:
         lines.append(f"FLOPs per chip per step: model formula {model:.3e} (no XLA cost analysis)")
-    compute, hbm_time = result.roofline_seconds()
-    bounds = {"compute": compute, "HBM": hbm_time}
-    bounds = {what: seconds for what, seconds in bounds.items() if seconds}
+    bounds = result.roofline_seconds()
     if bounds:
         bound = max(bounds.values())
         parts = ", ".join(f"{what} {seconds * 1e3:.2f} ms" for what, seconds in bounds.items())
         ceiling = f"; MFU ceiling {model / (bound * topology.peak_flops):.0%}" if topology.peak_flops else ""
-        lines.append(f"roofline estimate, step time >= {bound * 1e3:.2f} ms ({parts}; collectives not "
-                     f"counted){ceiling}")
+        lines.append(f"roofline estimate, step time >= {bound * 1e3:.2f} ms ({parts}){ceiling}")
     if result.collectives:
-        lines.append("collectives in the optimized program (count, result bytes per chip; loop bodies once): "
-                     + ", ".join(f"{c.kind} {c.count} ({fmt(c.bytes)})" for c in result.collectives))
+        lines.append("collectives per step (ops, result bytes per chip; in the program text): "
+                     + ", ".join(f"{c.kind} {c.per_step} ({fmt(c.per_step_bytes)}; {c.count} ops)"
+                                 for c in result.collectives))
     return lines
 
 
