@@ -135,6 +135,10 @@ def test_a_multislice_mesh_compiles_over_dcn():
     result = compile_case("configs/tiny.py", "v5e:2x2", {"data": 1, "fsdp": 4, "dcn_data": 2}, num_slices=2)
     assert result.fits and result.topology.chips == 8 and result.mesh_sizes["data"] == 2
     assert "2 x v5e:2x2" in result.report()
+    bounds = result.roofline_seconds()
+    # the data axis across slices: each chip's gradient shard crosses the data-centre network
+    assert bounds["DCN"] == pytest.approx(result.estimate.bytes_of("gradients") / aot.DCN_BANDWIDTH["v5e"])
+    assert bounds["ICI"] > 0 and "DCN" in result.report()
     with pytest.raises(ConfigError, match="mesh.dcn_"):
         compile_case("configs/tiny.py", "v5e:2x2", {"data": 1, "fsdp": 4}, num_slices=2)
 
