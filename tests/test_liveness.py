@@ -42,6 +42,16 @@ def test_a_result_computed_by_a_fused_chain_is_written_after_its_source():
     assert peak(lambda x, w: (x @ w).astype(F32), x, w, keep_results=False) == 512 + 1024
 
 
+def test_work_whose_result_nobody_reads_is_dropped():
+    def discards_a_product(x, w):
+        _ = x @ w  # as a custom derivative that computes autodiff's gradient and then its own
+        return jnp.sum(x)
+
+    jaxpr = jax.make_jaxpr(discards_a_product)(spec(64, 64), spec(64, 64))
+    assert any(eqn.primitive.name == "dot_general" for eqn in jaxpr.eqns)  # traced, then dropped
+    assert peak_bytes(jaxpr) == 4
+
+
 def test_results_handed_on_are_not_held_together():
     x, w1, w2 = spec(8, 16), spec(16, 32), spec(16, 64)
     both = lambda x, w1, w2: (x @ w1, x @ w2)  # noqa: E731

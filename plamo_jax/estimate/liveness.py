@@ -140,6 +140,17 @@ def _flatten(jaxpr, env: dict, steps: list[_Step], owned: dict, matmul_operands_
         steps.append(_Step(outputs, reads, transient, in_place=name in UPDATES))
 
 
+def _needed(steps: list[_Step], results: set[_Buffer]) -> list[_Step]:
+    """The steps whose outputs reach a result: XLA drops the rest (e.g. a gradient that a custom
+    derivative computes and discards)."""
+    wanted, kept = set(results), []
+    for step in reversed(steps):
+        if any(buffer in wanted for buffer in step.outputs):
+            wanted.update(step.reads)
+            kept.append(step)
+    return kept[::-1]
+
+
 def peak_bytes(jaxpr, *, count_inputs: bool = False, keep_results: bool = True,
                matmul_operands_fused: bool = True) -> int:
     """The largest sum of live buffers while `jaxpr` (a Jaxpr or ClosedJaxpr) runs.
@@ -174,6 +185,7 @@ def peak_bytes(jaxpr, *, count_inputs: bool = False, keep_results: bool = True,
         results.add(buffer)
     steps = [*materialise.get(-1, []),
              *(step for index, own in enumerate(steps) for step in (own, *materialise.get(index, [])))]
+    steps = _needed(steps, results)
     last_read = {}
     for index, step in enumerate(steps):
         for buffer in step.reads:
