@@ -12,6 +12,8 @@ with sequence=8:
 - "all_gather": keys and values gathered along the axis, queries local (balanced layout).
 - "ring": key/value blocks rotate with ppermute, nothing gathered (balanced layout).
 - "ring_contiguous": the ring without the balanced layout, for contrast.
+- "ulysses": all-to-alls trade heads for sequence around the flash kernel (balanced layout); only where
+  --heads and --kv-heads divide by 8 (e.g. --heads 8 --kv-heads 8 --head-dim 32: the default's work).
 
 Per strategy: tokens/s (sequence length / the median of --steps runs of the compiled step; the median
 leaves out the first run's one-time costs) and XLA's per-device memory of the compiled step
@@ -30,8 +32,8 @@ by default "none" at 32k tokens (8 copies of the whole layer, 15 TFLOP). The def
 on a 2-core machine, most of it the three 32k rows.
 
     python benchmarks/bench_context.py [--lengths 8192,32768] [--heads 4] [--kv-heads 2] [--head-dim 64]
-        [--block 512] [--steps 3] [--dtype float32] [--strategies none,all_gather,ring,ring_contiguous]
-        [--max-timed-tflop 4]
+        [--block 512] [--steps 3] [--dtype float32]
+        [--strategies none,all_gather,ring,ring_contiguous,ulysses] [--max-timed-tflop 4]
 
 `--mode ssm`: the hybrid's Mamba layer under the balanced layout, the two ways of
 `model.ssm_context_layout`, on meshes with sequence = each of --shards:
@@ -90,6 +92,7 @@ ROWS = {  # name: (context_parallel strategy, balanced layout)
     "all_gather": ("all_gather", True),
     "ring": ("ring", True),
     "ring_contiguous": ("ring", False),
+    "ulysses": ("ulysses", True),
 }
 
 
@@ -301,6 +304,10 @@ def attention_main(args):
               f"{'memory vs none':>14}")
         results = {}
         for name in names:
+            if ROWS[name][0] == "ulysses" and (args.heads % shards or args.kv_heads % shards):
+                print(f"{name:>16} skipped: --heads {args.heads} / --kv-heads {args.kv_heads} do not divide "
+                      f"by {shards} shards")
+                continue
             copies = shards if ROWS[name][0] == "none" else 1
             work = copies * causal_flops(length, args.heads, args.head_dim) / 1e12
             r = results[name] = measure(mesh, name, args, length, timed=work <= args.max_timed_tflop)

@@ -55,7 +55,8 @@ def _model_defaults() -> ml_collections.ConfigDict:
     m.attention_block = 512  # flash: query / key block length
     # Context parallelism: how attention works when mesh.sequence > 1 (models/context_attention.py). none: the
     # sequence is gathered for attention (heads stay sharded); all_gather: keys/values gathered, queries
-    # stay sharded; ring: key/value blocks rotate with ppermute, nothing gathered.
+    # stay sharded; ring: key/value blocks rotate with ppermute, nothing gathered; ulysses: all-to-alls
+    # trade heads for sequence around attention (heads and key/value heads divisible by sequence x tensor).
     m.context_parallel = "all_gather"
     # Lay each training batch out so that every sequence shard does the same causal attention work.
     m.context_load_balance = True
@@ -279,6 +280,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     _require(m.attention_block > 0, "model.attention_block", m.attention_block, "a positive block length")
     _require(m.context_parallel in CONTEXT_STRATEGIES, "model.context_parallel", m.context_parallel,
              f"one of {CONTEXT_STRATEGIES}")
+    if m.context_parallel == "ulysses":
+        _validate_ulysses(m, size)
     _require(t.microbatches >= 1, "train.microbatches", t.microbatches, "an integer >= 1")
     _require(
         t.global_batch_size % t.microbatches == 0,
@@ -344,6 +347,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         config.optimizer.wsd_decay_shape,
         f"one of {WSD_DECAY_SHAPES}",
     )
+
+
+def _validate_ulysses(m: ml_collections.ConfigDict, size: dict[str, int]) -> None:
+    """Ulysses splits every device's query and key/value heads over the sequence axis."""
+    head_shards = size["sequence"] * size["tensor"]
+    for key in ("num_heads", "num_kv_heads"):
+        _require(m[key] % head_shards == 0, f"model.{key}", m[key],
+                 f"divisible by mesh.sequence x mesh.tensor = {head_shards} "
+                 "(model.context_parallel='ulysses' splits each device's heads over the sequence axis)")
 
 
 def _validate_pipeline(config: ml_collections.ConfigDict, size: dict[str, int], microbatch: int,

@@ -1,6 +1,6 @@
 """Context parallelism (models/context_attention.py, parallel/context.py) equals one device.
 
-Attention split along the `sequence` axis: every family, ring and all_gather, contiguous and
+Attention split along the `sequence` axis: every family, ring, all_gather and ulysses, contiguous and
 load-balanced layouts, packed documents, windows, the hybrid's Mamba layers in place or with
 Megatron's undo/redo, and
 composition with the data, fsdp, tensor and expert axes: loss and gradients equal the single-device
@@ -64,12 +64,18 @@ def assert_matches(family, strategy, mesh_sizes, balanced, ssm_context_layout="i
 FAST_CASES = [
     ("dense", "ring", dict(sequence=8), True),
     ("hybrid", "ring", dict(sequence=4, data=2), True),
+    ("dense", "ulysses", dict(sequence=4), True),
 ]
+FAMILIES = ("dense", "hybrid_mixed", "moe")
+# ulysses splits the 4 key/value heads of small_config over the axis: 2 or 4 shards
 SLOW_CASES = [(family, strategy, dict(sequence=shards), balanced)
-              for family in ("dense", "hybrid_mixed", "moe") for strategy in ("ring", "all_gather")
+              for family in FAMILIES for strategy in ("ring", "all_gather")
               for shards in (2, 4, 8) for balanced in (False, True)] + [
+    (family, "ulysses", dict(sequence=shards), balanced)
+    for family in FAMILIES for shards in (2, 4) for balanced in (False, True)] + [
     ("dense", "all_gather", dict(sequence=2, tensor=2, fsdp=2), True),
     ("moe", "ring", dict(sequence=2, expert=2, data=2), True),
+    ("dense", "ulysses", dict(sequence=2, tensor=2, data=2), True),
 ]
 
 
@@ -206,6 +212,11 @@ def test_bad_context_settings_are_named_at_start():
         validate_config(config, 8)
     config = small_config(family="hybrid", ssm_context_layout="redo")
     with pytest.raises(ConfigError, match="model.ssm_context_layout='redo'"):
+        validate_config(config, 8)
+    config = small_config(context_parallel="ulysses")  # 4 key/value heads cannot split over 8 shards
+    config.mesh.sequence, config.mesh.data = 8, 1
+    with pytest.raises(ConfigError, match="model.num_kv_heads=4: expected divisible by mesh.sequence x "
+                                          "mesh.tensor = 8"):
         validate_config(config, 8)
     config = small_config()
     config.mesh.sequence, config.mesh.data = 4, 2

@@ -2,7 +2,8 @@
 
 The `sequence` axis shards every activation's length. Without context parallelism attention gathers the
 whole sequence on every device (heads stay sharded); with it each device keeps its own queries and
-meets the other shards' keys and values in one of two ways (`model.context_parallel`):
+meets the other shards' keys and values in one of two ways, or trades heads for sequence
+(`model.context_parallel`):
 
 - "all_gather": keys and values are gathered along the axis (one collective, overlappable with the
   projections), queries stay local. Memory for keys and values grows with the sequence.
@@ -12,9 +13,13 @@ meets the other shards' keys and values in one of two ways (`model.context_paral
   is a second ring that carries each block's key/value gradients with it and sends them home at the
   end. With a sliding window known at trace time only the ring steps some query can see are run, so a
   windowed layer exchanges blocks with its neighbours only.
+- "ulysses": an all-to-all trades heads for sequence ([B, L/S, H, D] -> [B, L, H/S, D]), each shard
+  attends the whole sequence for its 1/S of the query and key/value heads, and a second all-to-all
+  brings the output back. Needs the heads (and key/value heads) of a device divisible by the axis.
 
 The layout (contiguous, or causal load-balanced: chunks r and 2S-1-r on shard r) is
-parallel/context.py's; each shard's token indices come from it, so masks are exact under either.
+parallel/context.py's; each shard's token indices come from it (ulysses: the whole laid-out sequence's,
+with the segment ids gathered), so masks are exact under either.
 """
 
 from __future__ import annotations
@@ -145,18 +150,52 @@ def _ring_attention_bwd(shards, order, shifts, block, residuals, cotangents):
 _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
 
 
+def _kernel_layout(q_BLHD, k_BLKD, v_BLKD):
+    """q [B, K, G, L, D] (query heads grouped by their key/value head), k and v [B, K, L, D]."""
+    batch, length, heads, head_dim = q_BLHD.shape
+    kv_heads = k_BLKD.shape[2]
+    q = q_BLHD.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    return q, k_BLKD.transpose(0, 2, 1, 3), v_BLKD.transpose(0, 2, 1, 3)
+
+
+def _from_kernel_layout(out_BKGLD):
+    """The kernel's output [B, K, G, L, D] as [B, L, H, D]."""
+    batch, kv_heads, group, length, head_dim = out_BKGLD.shape
+    return out_BKGLD.transpose(0, 3, 1, 2, 4).reshape(batch, length, kv_heads * group, head_dim)
+
+
+def _ulysses(q_BLHD, k_BLKD, v_BLKD, segments, window, order, block):
+    """Heads <-> sequence. Splitting the query and the key/value heads into S equal runs keeps every
+    query head with its key/value head (H/S is a multiple of the group H/K when S divides K)."""
+    to_heads = functools.partial(jax.lax.all_to_all, axis_name=SEQUENCE_AXIS, split_axis=2, concat_axis=1,
+                                 tiled=True)  # [B, L/S, H, D] -> [B, L, H/S, D], the sequence laid out
+    q, k, v = _kernel_layout(to_heads(q_BLHD), to_heads(k_BLKD), to_heads(v_BLKD))
+    all_segments = jax.lax.all_gather(segments, SEQUENCE_AXIS, axis=1, tiled=True)
+    tokens = jnp.asarray(order)
+    out, row_max = blockwise_attention(q, k, v, all_segments, all_segments, tokens, tokens, window, block)
+    to_sequence = functools.partial(jax.lax.all_to_all, axis_name=SEQUENCE_AXIS, split_axis=1, concat_axis=2,
+                                    tiled=True)
+    return to_sequence(_from_kernel_layout(out)), row_max
+
+
+def _largest(row_max, axis_names) -> jax.Array:
+    """The largest attended score over every device (a statistic: no gradient)."""
+    return jax.lax.pmax(jnp.max(jax.lax.stop_gradient(row_max)), axis_names)
+
+
 def _local_attention(strategy: str, block: int, shards: int, chunks: int, static_window, axis_names):
     """The per-shard body over local q [B, Ls, H, D], k/v [B, Ls, K, D], segments [B, Ls], window []."""
 
     def body(q_BLHD, k_BLKD, v_BLKD, segments, window):
-        batch, local, heads, head_dim = q_BLHD.shape
-        kv_heads = k_BLKD.shape[2]
-        q = q_BLHD.reshape(batch, local, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
-        k, v = k_BLKD.transpose(0, 2, 1, 3), v_BLKD.transpose(0, 2, 1, 3)
+        local = q_BLHD.shape[1]
         chunk = local // chunks
         step = math.gcd(chunk, block)  # blocks never straddle two chunks
         order = token_order(local * shards, shards, chunks)
         window = window.astype(jnp.int32)
+        if strategy == "ulysses":
+            out, row_max = _ulysses(q_BLHD, k_BLKD, v_BLKD, segments, window, order, step)
+            return out, _largest(row_max, axis_names)
+        q, k, v = _kernel_layout(q_BLHD, k_BLKD, v_BLKD)
         if strategy == "ring":
             shifts = ring_shifts(shards, chunks, chunk, static_window)
             out, row_max = _ring_attention(q, k, v, segments, segments, window, shards, order, shifts, step)
@@ -166,10 +205,19 @@ def _local_attention(strategy: str, block: int, shards: int, chunks: int, static
             out, row_max = blockwise_attention(q, gather(k, axis=2), gather(v, axis=2), segments,
                                                gather(segments, axis=1), q_tokens, jnp.asarray(order), window,
                                                step)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(batch, local, heads, head_dim)
-        return out, jax.lax.pmax(jnp.max(jax.lax.stop_gradient(row_max)), axis_names)
+        return _from_kernel_layout(out), _largest(row_max, axis_names)
 
     return body
+
+
+def _check_ulysses_heads(mesh, q_spec, q_BLHD, k_BLKD) -> None:
+    """Every device's query and key/value heads must split evenly over the sequence axis."""
+    head_axes = q_spec[2] if isinstance(q_spec[2], tuple) else (q_spec[2],) if q_spec[2] else ()
+    head_shards = mesh.shape[SEQUENCE_AXIS] * math.prod(mesh.shape[a] for a in head_axes)
+    for key, count in (("num_heads", q_BLHD.shape[2]), ("num_kv_heads", k_BLKD.shape[2])):
+        if count % head_shards:
+            raise ShardingError(f"model.{key}={count}: context_parallel='ulysses' expected a multiple of the "
+                                f"sequence x head shards = {head_shards}")
 
 
 def context_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, segment_ids_BL: jax.Array,
@@ -198,6 +246,8 @@ def context_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, s
                             f"key/value heads sharded like the query heads "
                             f"({q_spec[2]!r}, not {k_spec[2]!r})")
     token_order(q_BLHD.shape[1], shards, chunks)  # a ShardingError when the length does not divide
+    if strategy == "ulysses":
+        _check_ulysses_heads(mesh, q_spec, q_BLHD, k_BLKD)
     static_window = window if isinstance(window, int) else None
     body = _local_attention(strategy, block, shards, chunks, static_window, tuple(mesh.axis_names))
     sharded = jax.shard_map(body, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, seg_spec, PartitionSpec()),

@@ -1,8 +1,9 @@
 """Context parallelism's layout: how a sequence sharded along the `sequence` mesh axis is laid out.
 
-With `model.context_parallel` ("all_gather" or "ring": models/context_attention.py) attention stays
-sharded along the `sequence` axis. Under causal masking a contiguous split gives the last shard the most
-work (its queries see every earlier key). With `model.context_load_balance` the training step lays the
+With `model.context_parallel` ("all_gather", "ring" or "ulysses": models/context_attention.py)
+attention stays sharded along the `sequence` axis. Under causal masking a contiguous split gives the last
+shard the most work (its queries see every earlier key; ulysses, whose shards attend the whole sequence
+for some of the heads, is balanced either way). With `model.context_load_balance` the training step lays the
 batch out once, before the model (`lay_out_batch`): the sequence is cut into 2S chunks and shard r holds
 chunks r and 2S-1-r, so every shard does the same attention work. Tokens, targets, positions, segment
 ids and loss masks move together, so the loss, a sum over tokens, is unchanged; attention (every
@@ -26,7 +27,7 @@ from plamo_jax.errors import ShardingError
 from plamo_jax.parallel import rules as sharding_rules
 
 SEQUENCE_AXIS = "sequence"
-STRATEGIES = ("none", "all_gather", "ring")
+STRATEGIES = ("none", "all_gather", "ring", "ulysses")
 # How the hybrid's Mamba layers meet the balanced layout: scan each shard's two chunks where they are and
 # pass states between them (in_place), or move the tokens to contiguous chunks and back (undo_redo).
 SSM_LAYOUTS = ("in_place", "undo_redo")
