@@ -459,8 +459,9 @@ def block_activations(family: FamilySpec, local_cfg: ml_collections.ConfigDict, 
                                 operands_fused=kernel_platform == "tpu" and not host_kernels) / length_shards
         parts = family.memory_part.select(block) if family.memory_part is not None else []
         family_part = nbytes(module_residuals(parts, x, ids, None))
-    if cp.strategy != "ring":
-        # Keys and values after the gather (rotated keys and values feed the score and output einsums).
+    if cp.strategy not in ("ring", "ulysses"):
+        # Keys and values after the gather (rotated keys and values feed the score and output einsums);
+        # ulysses's all-to-all leaves each device the whole length of 1/S of the heads: no more bytes.
         attention_layers = family.attention_layers_per_block(local_cfg)
         gathered = kv_bytes(local_cfg, batch, length) * (1 - 1 / length_shards)
         residuals["none"] += attention_layers * gathered
