@@ -243,8 +243,8 @@ def context_config(strategy: str, seq_len: int = 256, remat: str = "none", **mod
 
 @functools.cache
 def context_compared(strategy: str) -> tuple[memory.MemoryEstimate, memory.XlaMemory]:
-    # ulysses splits the heads over the 4 sequence shards: it needs 4 of them
-    config = context_config(strategy, **({"num_heads": 4, "num_kv_heads": 4} if strategy == "ulysses" else {}))
+    heads = 4 if strategy == "ulysses" else 2  # ulysses splits the heads over the 4 sequence shards
+    config = context_config(strategy, num_heads=heads, num_kv_heads=heads)
     return memory.estimate_memory(config, 8, host_kernels=True), memory.xla_memory(config, jax.devices()[:8])
 
 
