@@ -1,7 +1,7 @@
 """Llama-3.2-1B shape (meta-llama/Llama-3.2-1B config.json: 1.24B parameters, embeddings tied).
 
 The ~1B dense model of benchmarks/gpu_check.sh, which trains it on one H200 at 4 x 2048 tokens per step
-with no sharding and no rematerialisation (the memory estimator: 57.8 GiB); the recipe's 32 rows are
+with no sharding and no rematerialisation (the memory estimator: 47.0 GiB); the recipe's 32 rows are
 4 per device on 8. attention_impl=auto: cuDNN's fused attention on an NVIDIA GPU, dense scores
 elsewhere at this length.
 """

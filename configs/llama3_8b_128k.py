@@ -2,12 +2,12 @@
 parallelism (the sequence sharded 8 ways, key/value blocks passed around a ring, no [L, L] scores).
 
 Memory (tools/estimate_memory.py --devices 64 --device h100: sequence=8 x fsdp=8, one 16,384-token
-shard of one sequence per device per microbatch, full remat): 59.67 GiB per device, 75% of 80 GiB,
-under the 80% rule (64.0 GiB); of it the logits 19.7 GiB, the ring's block in flight, its fp32 dK/dV
-and the flash kernel's 512 x 512 temporaries 0.69 GiB (all_gather instead: 60.80 GiB, 76%).
+shard of one sequence per device per microbatch, full remat): 33.84 GiB per device, 42% of 80 GiB,
+under the 80% rule (64.0 GiB), the LM head and loss phase the larger (the ring's block in flight, its
+fp32 dK/dV and the flash kernel's 512 x 512 temporaries, in the block phase, are 0.69 GiB).
 The TPU compiler (tools/aot_compile.py --topology v5p:4x4x8 --config.train.microbatches=2: fsdp=16 x
-sequence=8, the same sequence per chip per microbatch; 140 s to compile here) counts 30.43 GiB per chip
-(5.61 arguments + 24.82 temporaries, 32% of 95 GiB) against an estimate of 48.45 GiB (1.59x high).
+sequence=8, the same sequence per chip per microbatch; 103 s to compile here) peaks at 24.29 GiB per
+chip (26% of 95 GiB) against an estimate of 24.37 GiB (1.00).
 """
 
 from plamo_jax.configuration import load_recipe

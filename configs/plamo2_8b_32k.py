@@ -2,11 +2,11 @@
 attention layer full (no sliding window), flash attention, context parallelism over a ring.
 
 Memory (tools/estimate_memory.py --devices 64 --device h100: sequence=4 x fsdp=16, one 8,192-token
-shard of one sequence per device per microbatch, full remat): 42.95 GiB per device, 54% of 80 GiB,
-under the 80% rule (64.0 GiB); on 64 v5p chips 45% of 95 GiB.
+shard of one sequence per device per microbatch, full remat): 19.96 GiB per device, 25% of 80 GiB,
+under the 80% rule (64.0 GiB).
 The TPU compiler (tools/aot_compile.py --topology v5p:4x4x4 --mesh sequence=4,fsdp=16, the recipe's
-mesh; 220 s to compile here) counts 25.80 GiB per chip (6.91 arguments + 18.89 temporaries, 27% of
-HBM): the estimate is 1.66x high (full remat: it keeps a block's whole recomputed residual set live).
+mesh; 438 s to compile here, loaded) peaks at 20.04 GiB per chip (21% of HBM) against an estimate of
+18.27 GiB (0.91).
 """
 
 from plamo_jax.configuration import load_recipe

@@ -5,7 +5,7 @@ of a stage, and 4 pipeline stages of 28 layers each, one after another over Infi
 only activations at the stage boundaries move, and FSDP's weight gathers stay inside a stage's 16 nodes
 instead of spanning all 64. The circular schedule (2 repeats: each stage holds layers 14s..14s+13 and
 56+14s..56+14s+13) with 16 microbatches of 4 sequences (4 rows per FSDP shard): bubble 3 / 35 = 8.6%.
-Memory (tools/estimate_memory.py --devices 512 --device h100): 37.48 GiB per device, 47% of 80 GiB, under
+Memory (tools/estimate_memory.py --devices 512 --device h100): 30.89 GiB per device, 39% of 80 GiB, under
 the 80% rule, with model.pipeline_remat_iterations (every block's input over the 35 iterations would
 be 122.5 GiB; the stage inputs are 8.75 GiB). The stream of 16 microbatches and its cotangent: 8.75 GiB.
 The LM head and loss run after the pipeline on all 64 sequences of a shard at once, 512 positions at a
