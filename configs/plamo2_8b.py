@@ -7,6 +7,8 @@ pfnet/plamo-2-8b: a 34 G fp32 snapshot and a 9.1 G Q8_0 GGUF, against 33.97 GiB 
 35.49 GiB / 9.43 GiB with an untied head (the same report gives 4.9 G / 1.3 G for the 1B, whose tied
 count 1,291,441,920 is 4.81 GiB / 1.28 GiB). The 35.50 GiB fp32 GGUF in llama.cpp's PLaMo 2 pull request
 (100,032 tokens) fits an untied head over a padded vocabulary instead: a different checkpoint.
+On v5p (README, "Booking TPUs"): 10.84 GiB per chip on 64 chips as shipped; with
+--config.train.microbatches=1 --config.train.loss_chunk=1024, 32 chips at 63.79 GiB (67% of HBM).
 """
 
 from plamo_jax.configuration import load_recipe

@@ -3,6 +3,8 @@
 PLaMo-100B's exact shape is not given in the sources we could read; this is a Llama-style shape of
 ~97.5B parameters with a 100k vocabulary (PLaMo 2's tokenizer size), meant for memory planning and
 abstract builds (`jax.eval_shape`), and as a starting point for a real run.
+On 256 v5p chips (v5p:8x8x4, README "Booking TPUs"): 38.52 GiB per chip as shipped; with
+--config.train.microbatches=4, 69.09 GiB (73% of HBM).
 """
 
 from plamo_jax.configuration import default_config, finalize
