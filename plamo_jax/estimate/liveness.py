@@ -163,7 +163,12 @@ def peak_bytes(jaxpr, *, count_inputs: bool = False, keep_results: bool = True,
     block's weight gradients are reduce-scattered into their shards). A result that a fused chain
     computes is written to a buffer of its own at the end of the chain.
     """
-    jaxpr = _open(jaxpr)
+    steps, inputs, results = _schedule(_open(jaxpr), matmul_operands_fused)
+    return _simulate(steps, inputs, results if keep_results else set(), count_inputs)
+
+
+def _schedule(jaxpr, matmul_operands_fused: bool) -> tuple[list[_Step], set[_Buffer], set[_Buffer]]:
+    """(the steps that reach a result, in program order; the input buffers; the result buffers)."""
     env = {var: {_Buffer(var.aval)} for var in jaxpr.invars}
     inputs = set().union(*env.values()) if env else set()
     owned = {var: next(iter(buffers)) for var, buffers in env.items()}
@@ -185,21 +190,19 @@ def peak_bytes(jaxpr, *, count_inputs: bool = False, keep_results: bool = True,
         results.add(buffer)
     steps = [*materialise.get(-1, []),
              *(step for index, own in enumerate(steps) for step in (own, *materialise.get(index, [])))]
-    steps = _needed(steps, results)
-    last_read = {}
-    for index, step in enumerate(steps):
-        for buffer in step.reads:
-            last_read[buffer] = index
-    live = {buffer for buffer in inputs if buffer in last_read or buffer in results}
+    return _needed(steps, results), inputs, results
+
+
+def _simulate(steps: list[_Step], inputs: set[_Buffer], held: set[_Buffer], count_inputs: bool) -> int:
+    """Run the steps as a heap: outputs allocated, buffers freed after their last reader unless held to
+    the end, an in-place step's output written over a same-sized operand it reads for the last time."""
+    last_read = {buffer: index for index, step in enumerate(steps) for buffer in step.reads}
+    live = {buffer for buffer in inputs if buffer in last_read or buffer in held}
     current = sum(buffer.bytes for buffer in live) if count_inputs else 0
     peak = current
-    def held(buffer) -> bool:
-        return keep_results and buffer in results
-
     for index, step in enumerate(steps):
-        dying = [buffer for buffer in step.reads if last_read.get(buffer) == index and buffer in live
-                 and not held(buffer)]
-        # XLA writes an elementwise result, or an update, over an operand it reads for the last time
+        dying = [buffer for buffer in step.reads
+                 if last_read[buffer] == index and buffer in live and buffer not in held]
         reusable = [buffer for buffer in dying if step.in_place and buffer not in inputs]
         for buffer in step.outputs:
             same = next((old for old in reusable if old.bytes == buffer.bytes), None)
@@ -210,7 +213,7 @@ def peak_bytes(jaxpr, *, count_inputs: bool = False, keep_results: bool = True,
                 current -= same.bytes
         peak = max(peak, current + sum(buffer.bytes for buffer in step.outputs) + step.transient)
         for buffer in step.outputs:
-            if buffer in last_read or held(buffer):
+            if buffer in last_read or buffer in held:
                 live.add(buffer)
                 current += buffer.bytes
         for buffer in dying:
