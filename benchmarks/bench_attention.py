@@ -1,71 +1,94 @@
-"""Dense vs flash (blockwise) attention, forward + backward, for 1k..8k tokens on this machine.
+"""Dense attention in one block and in causal query blocks, and flash (blockwise) attention: forward +
+backward time and XLA temporaries for 512..8k tokens on this machine.
 
-Prints, per length, the step time and XLA's temporary memory of value-and-grad for both paths and
-their ratios (one packed row with causal masking; the dense path is skipped where its scores alone
-would exceed --dense-limit-gib).
+One packed row per batch element with causal masking. `dense` is `dot_product_attention` (one
+[L, L] score matrix per head); `dense blocks` is `causal_dot_product_attention_with_max_logit` (what
+dense attention runs on CPU: query blocks that read only the keys up to their last row); `flash` is
+`flash_attention` with --block. The kernels run interleaved, --rounds rounds of --repeats calls each;
+each figure is the median over rounds of a round's mean. The dense kernels are skipped where one
+score matrix per head would exceed --dense-limit-gib. Asserts nothing.
 
-    python benchmarks/bench_attention.py [--lengths 1024,2048,4096,8192] [--heads 8] [--head-dim 128]
+    python benchmarks/bench_attention.py [--lengths 512,1024,2048,4096,8192] [--batch 1] [--heads 8]
+        [--kv-heads 8] [--head-dim 128] [--block 512] [--rounds 3] [--repeats 2]
+
+The 125.8M Llama layer of benchmarks/bench_peers.py: --lengths 512 --batch 4 --heads 12 --kv-heads 4
+--head-dim 64.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plamo_jax.models.attention import dot_product_attention
+from plamo_jax.models.attention import causal_dot_product_attention_with_max_logit, dot_product_attention
 from plamo_jax.models.flash_attention import flash_attention
 from plamo_jax.models.masks import attention_mask
 
 
-def measure(attend, length: int, heads: int, head_dim: int, repeats: int) -> tuple[float, int]:
-    rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((1, length, heads, head_dim)), jnp.float32) for _ in range(3))
-    segments = jnp.ones((1, length), jnp.int32)
+def compiled_gradient(attend, q, k, v, segments):
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, segments)), argnums=(0, 1, 2)))
-    compiled = grad.lower(q, k, v).compile()
-    jax.block_until_ready(compiled(q, k, v))
+    return grad.lower(q, k, v).compile()
+
+
+def seconds_per_call(compiled, arguments, repeats: int) -> float:
     start = time.perf_counter()
     for _ in range(repeats):
-        jax.block_until_ready(compiled(q, k, v))
-    return (time.perf_counter() - start) / repeats, compiled.memory_analysis().temp_size_in_bytes
+        jax.block_until_ready(compiled(*arguments))
+    return (time.perf_counter() - start) / repeats
 
 
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--lengths", default="1024,2048,4096,8192")
+    parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dense-limit-gib", type=float, default=4.0)
     args = parser.parse_args()
-    print(f"device: {jax.devices()[0].device_kind}; heads {args.heads} x {args.head_dim}, "
-          f"flash block {args.block}")
-    print(f"{'tokens':>7} {'dense s':>9} {'dense MiB':>10} {'flash s':>9} {'flash MiB':>10} "
-          f"{'time ratio':>10} {'memory ratio':>12}")
-
-    def dense(q, k, v, segments):
-        return dot_product_attention(q, k, v, attention_mask(segments))
-
-    def flash(q, k, v, segments):
-        return flash_attention(q, k, v, segments, 0, args.block)
-
+    print(f"device: {jax.devices()[0].device_kind}; batch {args.batch}, {args.heads} query / {args.kv_heads} "
+          f"KV heads x {args.head_dim}, flash block {args.block}; seconds per forward + backward "
+          f"(median of {args.rounds} interleaved rounds) and MiB of XLA temporaries")
+    kernels = {
+        "dense": lambda q, k, v, segments: dot_product_attention(q, k, v, attention_mask(segments)),
+        "dense blocks": lambda q, k, v, segments: causal_dot_product_attention_with_max_logit(
+            q, k, v, attention_mask(segments))[0],
+        "flash": lambda q, k, v, segments: flash_attention(q, k, v, segments, 0, args.block),
+    }
+    print(f"{'tokens':>7} " + " ".join(f"{name + ' s':>15} {name + ' MiB':>17}" for name in kernels))
+    rng = np.random.default_rng(0)
     for length in (int(x) for x in args.lengths.split(",")):
-        flash_seconds, flash_bytes = measure(flash, length, args.heads, args.head_dim, args.repeats)
-        scores_gib = args.heads * length * length * 4 / 2**30
-        if scores_gib <= args.dense_limit_gib:
-            dense_seconds, dense_bytes = measure(dense, length, args.heads, args.head_dim, args.repeats)
-            print(f"{length:7d} {dense_seconds:9.3f} {dense_bytes / 2**20:10.1f} {flash_seconds:9.3f} "
-                  f"{flash_bytes / 2**20:10.1f} {flash_seconds / dense_seconds:10.2f} "
-                  f"{flash_bytes / dense_bytes:12.3f}")
-        else:
-            print(f"{length:7d} {'skipped':>9} {'':>10} {flash_seconds:9.3f} {flash_bytes / 2**20:10.1f}")
+        q = jnp.asarray(rng.standard_normal((args.batch, length, args.heads, args.head_dim)), jnp.float32)
+        kv_shape = (args.batch, length, args.kv_heads, args.head_dim)
+        k, v = (jnp.asarray(rng.standard_normal(kv_shape), jnp.float32) for _ in range(2))
+        segments = jnp.ones((args.batch, length), jnp.int32)
+        dense_gib = args.batch * args.heads * length * length * 4 / 2**30
+        names = [n for n in kernels if n == "flash" or dense_gib <= args.dense_limit_gib]
+        compiled = {name: compiled_gradient(kernels[name], q, k, v, segments) for name in names}
+        for function in compiled.values():
+            jax.block_until_ready(function(q, k, v))
+        rounds = {name: [] for name in names}
+        for _ in range(args.rounds):
+            for name in names:
+                rounds[name].append(seconds_per_call(compiled[name], (q, k, v), args.repeats))
+        cells = []
+        for name in kernels:
+            if name in compiled:
+                temporaries = compiled[name].memory_analysis().temp_size_in_bytes / 2**20
+                cells.append(f"{statistics.median(rounds[name]):15.3f} {temporaries:17.1f}")
+            else:
+                cells.append(f"{'skipped':>15} {'':>17}")
+        print(f"{length:7d} " + " ".join(cells))
 
 
 if __name__ == "__main__":

@@ -112,8 +112,8 @@ def main() -> None:
     print(f"FLOPs/step formula   {formula:14.4e}")
     print(f"FLOPs/step XLA       {xla_flops:14.4e}")
     print(
-        f"ratio XLA / formula  {xla_flops / formula:10.3f}  (XLA also counts masked attention scores, "
-        f"softmax, norms and optimizer arithmetic)"
+        f"ratio XLA / formula  {xla_flops / formula:10.3f}  (XLA also counts the masked scores inside "
+        f"dense attention's diagonal query blocks, softmax, norms and optimizer arithmetic)"
     )
 
     small = load_recipe(args.config)

@@ -17,6 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 from plamo_jax.models import registry
 from plamo_jax.models.layers import RMSNorm, normal, param
 from plamo_jax.models.pipelined_stack import BLOCK_INPUT, pipelined_stack
+from plamo_jax.models.projection import weight_einsum
 from plamo_jax.parallel import pipeline
 from plamo_jax.parallel.rules import MESH_AXES, constrain
 
@@ -72,7 +73,8 @@ class Decoder(nnx.Module):
         subscripts = "bld,vd->blv" if tied else "bld,dv->blv"
 
         def head(x_BLD: jax.Array) -> jax.Array:
-            logits = jnp.einsum(subscripts, x_BLD, weight, preferred_element_type=jnp.float32)
+            # weight_einsum: the weight's gradient does not read the logits' gradient transposed
+            logits = weight_einsum(subscripts, x_BLD, weight, jnp.float32)
             return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
         return head

@@ -8,9 +8,12 @@ the weight's own [in, out] order. On CPU that copy is a strided loop over the wh
 (measured: the copies of the MLP gate / up cotangents, [2048, 2048] per layer at batch 4 x 512,
 were 1.8 s of a 125M model's 13.8 s step). `weight_einsum` keeps autodiff where the output is the
 narrower side (down, k / v, o projections) and writes the gradient as `einsum(x, g)` where the
-input is (gate, up, Mamba in_proj), so the copy is of the smaller operand. Values and gradients are
-the same einsums, so the numerics match autodiff to rounding; GPU and TPU GEMMs read transposed
-operands anyway.
+input is (gate, up, Mamba in_proj, the LM head), so the copy is of the smaller operand. For the LM
+head the cotangent is the fp32 logits' gradient [rows, vocab]: XLA computed it a second time,
+transposed, for the weight gradient. Where the weight lists its output features first (the tied
+head's [vocab, embed] embedding), the gradient is formed x-features first and the small result is
+transposed. Values and gradients are the same einsums, so the numerics match autodiff to rounding;
+GPU and TPU GEMMs read transposed operands anyway.
 """
 
 from __future__ import annotations
@@ -29,23 +32,31 @@ def _operands(subscripts: str) -> tuple[str, str, str]:
     return x_subscripts, w_subscripts, output
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def weight_einsum(subscripts: str, x: jax.Array, weight: jax.Array) -> jax.Array:
-    """einsum(subscripts, x, weight) for an activation x and a weight; gradients as autodiff's."""
-    return jnp.einsum(subscripts, x, weight)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def weight_einsum(subscripts: str, x: jax.Array, weight: jax.Array, preferred_element_type=None) -> jax.Array:
+    """einsum(subscripts, x, weight) for an activation x and a weight; gradients as autodiff's.
+
+    preferred_element_type: the product's dtype when it differs from the operands' (jnp.einsum's).
+    """
+    return jnp.einsum(subscripts, x, weight, preferred_element_type=preferred_element_type)
 
 
-def _weight_einsum_fwd(subscripts, x, weight):
-    return jnp.einsum(subscripts, x, weight), (x, weight)
+def _weight_einsum_fwd(subscripts, x, weight, preferred_element_type):
+    return jnp.einsum(subscripts, x, weight, preferred_element_type=preferred_element_type), (x, weight)
 
 
-def _weight_einsum_bwd(subscripts, residuals, gradient):
+def _weight_einsum_bwd(subscripts, preferred_element_type, residuals, gradient):
     x, weight = residuals
     x_subscripts, w_subscripts, out_subscripts = _operands(subscripts)
-    _, autodiff_vjp = jax.vjp(lambda x, weight: jnp.einsum(subscripts, x, weight), x, weight)
+    _, autodiff_vjp = jax.vjp(
+        lambda x, weight: jnp.einsum(subscripts, x, weight, preferred_element_type=preferred_element_type),
+        x, weight)
     x_gradient, weight_gradient = autodiff_vjp(gradient)
     if x.size < gradient.size:  # more output than input features: transpose x, not the cotangent
-        weight_gradient = jnp.einsum(f"{x_subscripts},{out_subscripts}->{w_subscripts}", x, gradient)
+        x_first = "".join(sorted(w_subscripts, key=lambda axis: axis not in x_subscripts))
+        weight_gradient = jnp.einsum(f"{x_subscripts},{out_subscripts}->{x_first}", x, gradient,
+                                     preferred_element_type=preferred_element_type)
+        weight_gradient = jnp.einsum(f"{x_first}->{w_subscripts}", weight_gradient)
     return x_gradient, weight_gradient.astype(weight.dtype)
 
 
