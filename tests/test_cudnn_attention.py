@@ -110,5 +110,6 @@ def test_the_estimates_of_cudnn_and_splash_count_flash_residuals():
     flash = total("flash")
     assert total("cudnn") == flash
     assert total("auto") == flash
-    on_tpu = [total(impl, device="v5p") for impl in ("auto", "splash", "dense")]
-    assert on_tpu[0] == on_tpu[1] == flash != on_tpu[2]
+    # the walk models each compiler's fusion (estimate/liveness.py), so compare within the TPU
+    on_tpu = [total(impl, device="v5p") for impl in ("auto", "splash", "flash", "dense")]
+    assert on_tpu[0] == on_tpu[1] == on_tpu[2] != on_tpu[3]
