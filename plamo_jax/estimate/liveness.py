@@ -79,6 +79,35 @@ def _body(eqn):
     return None
 
 
+def _matmul_readers(jaxpr) -> dict:
+    """Variable -> how many matmuls read it, directly, through reshapes and transposes of it, or inside
+    the call-like equations it is passed to."""
+    alias: dict = {}  # a reshape / transpose result -> the variable it views
+    readers: dict = {}
+
+    def root(var):
+        while var in alias:
+            var = alias[var]
+        return var
+
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        operands = [var for var in eqn.invars if not isinstance(var, jax_core.Literal)]
+        body = _body(eqn) if name in INLINED else None
+        if body is not None:
+            inner = _matmul_readers(body)
+            for inner_var, var in zip(body.invars, eqn.invars, strict=True):
+                if not isinstance(var, jax_core.Literal) and inner.get(inner_var):
+                    readers[root(var)] = readers.get(root(var), 0) + inner[inner_var]
+        elif name in LAYOUT and operands:
+            for out in eqn.outvars:
+                alias[out] = operands[0]
+        elif name in MATMULS:
+            for var in {root(var) for var in operands}:
+                readers[var] = readers.get(var, 0) + 1
+    return readers
+
+
 def _flatten(jaxpr, env: dict, steps: list[_Step], owned: dict, matmul_operands_fused: bool) -> None:
     """Append the steps of `jaxpr` to `steps`, call-like equations inlined with fresh buffers per call.
 
@@ -93,6 +122,11 @@ def _flatten(jaxpr, env: dict, steps: list[_Step], owned: dict, matmul_operands_
                 found |= env.get(var, set())
         return found
 
+    # The TPU compiler fuses an elementwise chain into the operand of the matmul that reads it, but a
+    # chain that several matmuls read (a gradient that makes both the input's and the weight's
+    # gradient) is written out once rather than recomputed in each.
+    shared = ({var for var, count in _matmul_readers(jaxpr).items() if count > 1}
+              if matmul_operands_fused else set())
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         body = _body(eqn) if name in INLINED else None
@@ -117,6 +151,10 @@ def _flatten(jaxpr, env: dict, steps: list[_Step], owned: dict, matmul_operands_
                 env[out] = reads
                 if view:
                     owned[out] = owned[eqn.invars[0]]
+                elif out in shared:
+                    buffer = _Buffer(out.aval)
+                    steps.append(_Step([buffer], reads, 0, in_place=True))
+                    env[out], owned[out] = {buffer}, buffer
             continue
         if name in MATMULS and not matmul_operands_fused:
             for var in eqn.invars:  # a GEMM library call reads operands from memory: chains are written out
