@@ -38,7 +38,7 @@ LARGE = [
     "configs/plamo_100b_like.py@v5p:8x8x4",
 ]
 RETUNED = [
-    "configs/llama3_8b.py@v5p:4x4x2@@train.microbatches=1,train.loss_chunk=2048",
+    "configs/llama3_8b.py@v5p:4x4x2@@train.microbatches=1,train.loss_chunk=1024",
     "configs/plamo2_8b.py@v5p:4x4x2@@train.microbatches=1,train.loss_chunk=1024",
     "configs/mixtral_8x7b.py@v5p:4x4x4@@train.microbatches=4",
     "configs/drop_upcycle_8x.py@v5p:4x4x4@@train.microbatches=2",

@@ -3,8 +3,8 @@
 Memory (tools/estimate_memory.py, 64 x H100): 8 microbatches of one 8192-token sequence per device,
 full rematerialisation and flash attention estimate 11.4 GiB per device (18.3 GiB with dense
 attention's 8k x 8k score tensors), under the 80% rule. On v5p (README, "Booking TPUs"): 10.14 GiB per
-chip on 64 chips as shipped; with --config.train.microbatches=1 --config.train.loss_chunk=2048, 32 chips
-at 68.99 GiB (73% of HBM).
+chip on 64 chips as shipped; with --config.train.microbatches=1 --config.train.loss_chunk=1024, 32 chips
+at 62.41 GiB (66% of HBM).
 """
 
 from plamo_jax.configuration import default_config, finalize

@@ -186,7 +186,7 @@ def test_a_step_too_big_for_hbm_exits_1():
 @pytest.mark.parametrize("recipe", list(LARGE_RECIPES))
 def test_the_estimate_of_a_large_recipe_is_within_the_band(recipe):
     """1-6 minutes and up to 3 GiB of host memory each here (2 cores). llama3_8b on 64 v5p chips: the
-    compiler's peak 10.14 GiB, the estimate 11.19 GiB."""
+    compiler's peak 10.14 GiB, the estimate 11.38 GiB."""
     result = compile_case(f"configs/{recipe}.py", LARGE_RECIPES[recipe], {})
     print(result.report())
     assert result.fits
