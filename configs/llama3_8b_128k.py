@@ -7,7 +7,7 @@ under the 80% rule (64.0 GiB), the LM head and loss phase the larger (the ring's
 fp32 dK/dV and the flash kernel's 512 x 512 temporaries, in the block phase, are 0.69 GiB).
 The TPU compiler (tools/aot_compile.py --topology v5p:4x4x8 --config.train.microbatches=2: fsdp=16 x
 sequence=8, the same sequence per chip per microbatch; 103 s to compile here) peaks at 24.29 GiB per
-chip (26% of 95 GiB) against an estimate of 24.37 GiB (1.00).
+chip (26% of 95 GiB) against an estimate of 24.49 GiB (1.01).
 """
 
 from plamo_jax.configuration import load_recipe

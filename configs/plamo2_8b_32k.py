@@ -6,7 +6,7 @@ shard of one sequence per device per microbatch, full remat): 19.96 GiB per devi
 under the 80% rule (64.0 GiB).
 The TPU compiler (tools/aot_compile.py --topology v5p:4x4x4 --mesh sequence=4,fsdp=16, the recipe's
 mesh; 438 s to compile here, loaded) peaks at 20.04 GiB per chip (21% of HBM) against an estimate of
-18.27 GiB (0.91).
+19.71 GiB (0.98).
 """
 
 from plamo_jax.configuration import load_recipe
