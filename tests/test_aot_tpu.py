@@ -154,8 +154,8 @@ def test_the_tool_prints_the_report_and_dumps_the_program(tmp_path):
                     "--dump", str(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
     for expected in ("tiny on v5e:2x2 (4 x TPU v5 lite), mesh fsdp=4", "compiled by the TPU compiler in",
-                     "peak (the compiler's, live buffers)", "HBM 16 GiB per chip", "-> fits", "FLOPs per chip",
-                     "roofline estimate", "ICI", "collectives per step"):
+                     "peak (the compiler's, live buffers)", "HBM 16 GiB per chip", "-> fits",
+                     "FLOPs per chip", "roofline estimate", "ICI", "collectives per step"):
         assert expected in done.stdout, done.stdout
     names = sorted(path.name for path in tmp_path.iterdir())
     assert names == ["tiny.v5e-2x2.executable", "tiny.v5e-2x2.hlo.txt", "tiny.v5e-2x2.stablehlo.mlir"]
