@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARGUMENT_RATIO = (0.4, 1.0)
 TINY_PEAK_RATIO = (0.5, 5.0)
 # The estimate against the TPU compiler's own peak for the large recipes (libtpu 0.0.42.1, measured
-# 0.93-1.10: benchmarks/bench_aot.py and the README's booking table).
+# 0.97-1.12: benchmarks/bench_aot.py and the README's booking table).
 LARGE_PEAK_RATIO = (0.85, 1.15)
 LARGE_RECIPES = {"llama3_8b": "v5p:4x4x4", "plamo2_8b": "v5p:4x4x4", "mixtral_8x7b": "v5p:4x4x4",
                  "drop_upcycle_8x": "v5p:4x4x4", "plamo_100b_like": "v5p:8x8x4"}
