@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_moe import seconds_per_call  # the sibling script (benchmarks/ is on sys.path)
 
 from plamo_jax.models.attention import causal_dot_product_attention_with_max_logit, dot_product_attention
 from plamo_jax.models.flash_attention import flash_attention
@@ -33,13 +33,6 @@ from plamo_jax.models.masks import attention_mask
 def compiled_gradient(attend, q, k, v, segments):
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, segments)), argnums=(0, 1, 2)))
     return grad.lower(q, k, v).compile()
-
-
-def seconds_per_call(compiled, arguments, repeats: int) -> float:
-    start = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(compiled(*arguments))
-    return (time.perf_counter() - start) / repeats
 
 
 def main():
@@ -75,12 +68,10 @@ def main():
         dense_gib = args.batch * args.heads * length * length * 4 / 2**30
         names = [n for n in kernels if n == "flash" or dense_gib <= args.dense_limit_gib]
         compiled = {name: compiled_gradient(kernels[name], q, k, v, segments) for name in names}
-        for function in compiled.values():
-            jax.block_until_ready(function(q, k, v))
         rounds = {name: [] for name in names}
         for _ in range(args.rounds):
             for name in names:
-                rounds[name].append(seconds_per_call(compiled[name], (q, k, v), args.repeats))
+                rounds[name].append(seconds_per_call(compiled[name], q, k, v, repeats=args.repeats))
         cells = []
         for name in kernels:
             if name in compiled:

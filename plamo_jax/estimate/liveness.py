@@ -79,9 +79,12 @@ def _body(eqn):
     return None
 
 
-def _matmul_readers(jaxpr) -> dict:
+def _matmul_readers(jaxpr, known: dict) -> dict:
     """Variable -> how many matmuls read it, directly, through reshapes and transposes of it, or inside
-    the call-like equations it is passed to."""
+    the call-like equations it is passed to. known: id(jaxpr) -> its answer, filled as bodies are
+    counted, so that a body is counted once however deeply it is nested or however often it is called."""
+    if id(jaxpr) in known:
+        return known[id(jaxpr)]
     alias: dict = {}  # a reshape / transpose result -> the variable it views
     readers: dict = {}
 
@@ -95,7 +98,7 @@ def _matmul_readers(jaxpr) -> dict:
         operands = [var for var in eqn.invars if not isinstance(var, jax_core.Literal)]
         body = _body(eqn) if name in INLINED else None
         if body is not None:
-            inner = _matmul_readers(body)
+            inner = _matmul_readers(body, known)
             for inner_var, var in zip(body.invars, eqn.invars, strict=True):
                 if not isinstance(var, jax_core.Literal) and inner.get(inner_var):
                     readers[root(var)] = readers.get(root(var), 0) + inner[inner_var]
@@ -105,15 +108,17 @@ def _matmul_readers(jaxpr) -> dict:
         elif name in MATMULS:
             for var in {root(var) for var in operands}:
                 readers[var] = readers.get(var, 0) + 1
+    known[id(jaxpr)] = readers
     return readers
 
 
-def _flatten(jaxpr, env: dict, steps: list[_Step], owned: dict, matmul_operands_fused: bool) -> None:
+def _flatten(jaxpr, env: dict, steps: list[_Step], owned: dict, matmul_operands_fused: bool,
+             readers: dict) -> None:
     """Append the steps of `jaxpr` to `steps`, call-like equations inlined with fresh buffers per call.
 
     env: variable -> the buffers its value is made from (one of its own, or a fused chain's sources);
     owned: variable -> the buffer allocated for it alone (a reshape or transpose of one is a view of it);
-    matmul_operands_fused: see `peak_bytes`."""
+    matmul_operands_fused: see `peak_bytes`; readers: `_matmul_readers`'s answers known so far."""
 
     def reads_of(variables) -> set[_Buffer]:
         found = set()
@@ -125,7 +130,7 @@ def _flatten(jaxpr, env: dict, steps: list[_Step], owned: dict, matmul_operands_
     # The TPU compiler fuses an elementwise chain into the operand of the matmul that reads it, but a
     # chain that several matmuls read (a gradient that makes both the input's and the weight's
     # gradient) is written out once rather than recomputed in each.
-    shared = ({var for var, count in _matmul_readers(jaxpr).items() if count > 1}
+    shared = ({var for var, count in _matmul_readers(jaxpr, readers).items() if count > 1}
               if matmul_operands_fused else set())
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -135,7 +140,7 @@ def _flatten(jaxpr, env: dict, steps: list[_Step], owned: dict, matmul_operands_
                          if not isinstance(var, jax_core.Literal)]
             inner = {inner_var: env.get(var, set()) for inner_var, var in arguments}
             inner_owned = {inner_var: owned[var] for inner_var, var in arguments if var in owned}
-            _flatten(body, inner, steps, inner_owned, matmul_operands_fused)
+            _flatten(body, inner, steps, inner_owned, matmul_operands_fused, readers)
             for out, inner_out in zip(eqn.outvars, body.outvars, strict=True):
                 if isinstance(inner_out, jax_core.Literal):
                     env[out] = set()
@@ -211,7 +216,7 @@ def _schedule(jaxpr, matmul_operands_fused: bool) -> tuple[list[_Step], set[_Buf
     inputs = set().union(*env.values()) if env else set()
     owned = {var: next(iter(buffers)) for var, buffers in env.items()}
     steps: list[_Step] = []
-    _flatten(jaxpr, env, steps, owned, matmul_operands_fused)
+    _flatten(jaxpr, env, steps, owned, matmul_operands_fused, {})
     results: set[_Buffer] = set()
     written_at = {buffer: index for index, step in enumerate(steps) for buffer in step.outputs}
     materialise: dict[int, list[_Step]] = {}

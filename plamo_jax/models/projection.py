@@ -48,15 +48,19 @@ def _weight_einsum_fwd(subscripts, x, weight, preferred_element_type):
 def _weight_einsum_bwd(subscripts, preferred_element_type, residuals, gradient):
     x, weight = residuals
     x_subscripts, w_subscripts, out_subscripts = _operands(subscripts)
-    _, autodiff_vjp = jax.vjp(
-        lambda x, weight: jnp.einsum(subscripts, x, weight, preferred_element_type=preferred_element_type),
-        x, weight)
-    x_gradient, weight_gradient = autodiff_vjp(gradient)
-    if x.size < gradient.size:  # more output than input features: transpose x, not the cotangent
-        x_first = "".join(sorted(w_subscripts, key=lambda axis: axis not in x_subscripts))
-        weight_gradient = jnp.einsum(f"{x_subscripts},{out_subscripts}->{x_first}", x, gradient,
-                                     preferred_element_type=preferred_element_type)
-        weight_gradient = jnp.einsum(f"{x_first}->{w_subscripts}", weight_gradient)
+
+    def product(x, weight):
+        return jnp.einsum(subscripts, x, weight, preferred_element_type=preferred_element_type)
+
+    if x.size >= gradient.size:  # the output is the narrower side: autodiff's gradients
+        x_gradient, weight_gradient = jax.vjp(product, x, weight)[1](gradient)
+        return x_gradient, weight_gradient.astype(weight.dtype)
+    # more output than input features: transpose x, not the cotangent
+    (x_gradient,) = jax.vjp(lambda x: product(x, weight), x)[1](gradient)
+    x_first = "".join(sorted(w_subscripts, key=lambda axis: axis not in x_subscripts))
+    weight_gradient = jnp.einsum(f"{x_subscripts},{out_subscripts}->{x_first}", x, gradient,
+                                 preferred_element_type=preferred_element_type)
+    weight_gradient = jnp.einsum(f"{x_first}->{w_subscripts}", weight_gradient)
     return x_gradient, weight_gradient.astype(weight.dtype)
 
 
