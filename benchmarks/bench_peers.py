@@ -1,10 +1,11 @@
 """One training step of the same model in plamo_jax, MaxText and transformers (PyTorch), side by side.
 
 Each system trains the same shape from random weights on random tokens (fp32 weights and compute,
-one AdamW step per batch, no checkpointing, the same batch x sequence): plamo_jax with
-`model.remat=none` and dense attention; MaxText with its defaults for the decoder block
-(`remat_policy=full`, `attention=dot_product`, synthetic data); transformers' `*ForCausalLM` with
-torch's AdamW on as many threads as this machine has cores. Every measurement runs in its own
+one AdamW step per batch, no checkpointing, the same batch x sequence, the layers unrolled rather than
+scanned): plamo_jax with `model.remat=none`, `model.scan_layers=False` and dense attention; MaxText
+with `scan_layers=false` and its defaults for the decoder block (`remat_policy=full`,
+`attention=dot_product`, synthetic data); transformers' `*ForCausalLM` with torch's AdamW on as many
+threads as this machine has cores. Every measurement runs in its own
 process, the systems interleaved A B C for --rounds rounds; a round's figure is the median step time
 after --warmup steps (compilation included in the first), and each system's figure is the median
 over rounds. Shapes (--shapes):
@@ -77,6 +78,7 @@ def ours_step_times(shape: dict, batch: int, seq_len: int, steps: int, warmup: i
     config = default_config()
     config.model.update(shape)
     config.model.remat, config.model.attention_impl, config.model.dtype = "none", "dense", "float32"
+    config.model.scan_layers = False  # the layers in a loop, as MaxText and transformers run them here
     config.train.global_batch_size, config.train.seq_len = batch, seq_len
     config.optimizer.warmup_steps = 1
     run = build_run(finalize(config))
@@ -137,7 +139,7 @@ def maxtext_arguments(shape: dict, batch: int, seq_len: int, steps: int, out: st
                  "dataset_type=synthetic", f"steps={steps}", f"per_device_batch_size={batch}",
                  f"max_target_length={seq_len}", "dtype=float32", "weight_dtype=float32",
                  "attention=dot_product", "enable_checkpointing=false", "log_period=1",
-                 "skip_jax_distributed_system=true",
+                 "skip_jax_distributed_system=true", "scan_layers=false",
                  f"vocab_size={shape['vocab_size']}", f"base_emb_dim={shape['d_model']}",
                  f"base_num_query_heads={shape['num_heads']}", f"base_num_kv_heads={shape['num_kv_heads']}",
                  f"head_dim={shape['head_dim']}", f"base_num_decoder_layers={shape['num_layers']}",

@@ -61,6 +61,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
     # Lay each training batch out so that every sequence shard does the same causal attention work.
     m.context_load_balance = True
     m.scan_unroll = 1  # layers per scan iteration; 1 keeps compile time flat in depth
+    # False: the blocks run in a Python loop (models/decoder.py): no stacked per-layer activation buffers
+    # to zero-fill and write each step, compile time grows with depth. Decoding always scans.
+    m.scan_layers = True
     # Pipeline parallelism over mesh.stage (parallel/pipeline.py, models/pipelined_stack.py). gpipe: each
     # stage holds consecutive blocks; circular: pipeline_repeats chunks per stage, a microbatch goes round
     # the stages that many times (smaller bubble, needs microbatches >= stages).

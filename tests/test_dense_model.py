@@ -14,7 +14,7 @@ from plamo_jax.models.decoder import Decoder
 from plamo_jax.models.layers import apply_rope
 from plamo_jax.models.masks import attention_mask
 from plamo_jax.train import state as state_lib
-from plamo_jax.train.losses import cross_entropy_sums
+from plamo_jax.train.losses import cross_entropy_sums, first_best_index
 from plamo_jax.train.objectives.lm import LanguageModeling, lm_loss_sums
 from plamo_jax.train.optimizer import make_optimizer
 from plamo_jax.train.step import make_train_step
@@ -104,6 +104,16 @@ def test_cross_entropy_and_z_loss_closed_form():
     masked = cross_entropy_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.array([[0.0, 1.0]]), 0.1)
     np.testing.assert_allclose(masked["cross_entropy"], log_z[1] - 0.5, rtol=1e-6)
     assert float(masked["tokens"]) == 1.0
+
+
+@pytest.mark.parametrize("vocab", [7, 50257])
+def test_first_best_index_is_argmax_ties_included(vocab):
+    rng = np.random.default_rng(vocab)
+    logits = np.round(rng.normal(size=(3, 5, vocab)) * 2).astype(np.float32) / 2  # many ties at the maximum
+    logits[0, 0] = -3.0  # every entry tied
+    logits[0, 1, -1] = 100.0  # the last index alone
+    best = first_best_index(jnp.asarray(logits), jnp.asarray(logits.max(-1)))
+    np.testing.assert_array_equal(np.asarray(best), np.argmax(logits, axis=-1))
 
 
 class RowRecordingLM(LanguageModeling):
