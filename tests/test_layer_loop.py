@@ -48,7 +48,8 @@ def test_layer_loop_equals_the_scanned_stack(family, remat):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
-@pytest.mark.parametrize("mesh_sizes", [dict(fsdp=2, tensor=4), dict(stage=2, data=2)], ids=["fsdp_tensor", "stage"])
+@pytest.mark.parametrize("mesh_sizes", [dict(fsdp=2, tensor=4), dict(stage=2, data=2)],
+                         ids=["fsdp_tensor", "stage"])
 def test_sharded_layer_loop_equals_one_device(mesh_sizes):
     scanned = config_for("dense", num_layers=4)
     looped = config_for("dense", num_layers=4, scan_layers=False)

@@ -48,7 +48,8 @@ def _unstack_forward(stacked, count):
 
 
 def _unstack_backward(count, _, per_layer_grads):
-    return ([jnp.stack([layer[leaf] for layer in per_layer_grads]) for leaf in range(len(per_layer_grads[0]))],)
+    leaves = range(len(per_layer_grads[0]))
+    return ([jnp.stack([layer[leaf] for layer in per_layer_grads]) for leaf in leaves],)
 
 
 unstack_layers.defvjp(_unstack_forward, _unstack_backward)
