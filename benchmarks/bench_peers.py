@@ -25,8 +25,11 @@ runtime's per-operation events, summed over the traced steps), by kind of operat
 the source of the largest non-matmul operations (the compiled program's metadata) and XLA's cost
 analysis. `make bench-peers` runs all of it (about 45 minutes on a 2-core machine).
 
+--scanned adds ours with the layers scanned (`model.scan_layers=True`, the default for training) to
+every round, printed with its ratio to the unrolled run.
+
     python benchmarks/bench_peers.py [--shapes llama,qwen3,moe] [--rounds 3] [--steps 4] [--warmup 2]
-        [--batch 4] [--seq-len 512] [--maxtext-python .venv-maxtext/bin/python] [--profile]
+        [--batch 4] [--seq-len 512] [--maxtext-python .venv-maxtext/bin/python] [--scanned] [--profile]
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ SHAPES = {
                 head_dim=64, num_experts=8, num_experts_per_token=2, expert_mlp_dim=1024,
                 tie_embeddings=False, qk_norm=False),
 }
+SCANNED = "plamo_jax_scanned"  # ours with model.scan_layers=True (--scanned): what the layer loop saves
 PEERS = {"llama": ("plamo_jax", "maxtext", "transformers"), "qwen3": ("plamo_jax", "transformers"),
          "moe": ("plamo_jax", "maxtext")}
 
@@ -74,11 +78,11 @@ PEERS = {"llama": ("plamo_jax", "maxtext", "transformers"), "qwen3": ("plamo_jax
 
 
 def ours_step_times(shape: dict, batch: int, seq_len: int, steps: int, warmup: int,
-                    profile_dir: str = "") -> list[float]:
+                    profile_dir: str = "", scan_layers: bool = False) -> list[float]:
     config = default_config()
     config.model.update(shape)
     config.model.remat, config.model.attention_impl, config.model.dtype = "none", "dense", "float32"
-    config.model.scan_layers = False  # the layers in a loop, as MaxText and transformers run them here
+    config.model.scan_layers = scan_layers  # unrolled by default, as MaxText and transformers run here
     config.train.global_batch_size, config.train.seq_len = batch, seq_len
     config.optimizer.warmup_steps = 1
     run = build_run(finalize(config))
@@ -179,8 +183,9 @@ def maxtext_step_times(python: str, shape: dict, batch: int, seq_len: int, steps
 
 def worker(args) -> None:
     shape = SHAPES[args.shape]
-    if args.worker == "plamo_jax":
-        times = ours_step_times(shape, args.batch, args.seq_len, args.steps, args.warmup, args.profile_dir)
+    if args.worker in ("plamo_jax", SCANNED):
+        times = ours_step_times(shape, args.batch, args.seq_len, args.steps, args.warmup, args.profile_dir,
+                                scan_layers=args.worker == SCANNED)
     elif args.worker == "transformers":
         times = transformers_step_times(shape, args.batch, args.seq_len, args.warmup + args.steps)
     else:
@@ -263,9 +268,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--maxtext-python", default=str(REPO / ".venv-maxtext" / "bin" / "python"))
-    parser.add_argument("--worker", choices=("plamo_jax", "maxtext", "transformers"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("plamo_jax", SCANNED, "maxtext", "transformers"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=tuple(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--profile-dir", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--scanned", action="store_true",
+                        help="also run ours with the layers scanned (model.scan_layers=True), interleaved")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one more run of each JAX system: where a step's time goes")
     args = parser.parse_args()
@@ -285,6 +293,7 @@ def main() -> None:
           f"of {args.steps} steps after {args.warmup} warm-up steps")
     for shape in shapes:
         systems = [s for s in PEERS[shape] if s != "maxtext" or have_maxtext]
+        systems += [SCANNED] if args.scanned else []
         rounds = {system: [] for system in systems}
         for round_index in range(args.rounds):
             for system in systems:
@@ -296,7 +305,7 @@ def main() -> None:
         for peer in systems[1:]:
             print(f"{shape} ratio plamo_jax / {peer}: {medians['plamo_jax'] / medians[peer]:.3f}")
         if args.profile:
-            for system in (s for s in systems if s != "transformers"):
+            for system in (s for s in systems if s not in ("transformers", SCANNED)):
                 with tempfile.TemporaryDirectory() as profile_dir:
                     measure(system, shape, args, profile_dir)
                     print_profile(f"{shape} {system}", Path(profile_dir), args.steps)
