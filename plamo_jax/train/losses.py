@@ -44,14 +44,14 @@ def target_logits(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(vocab_ids == targets_BL[..., None], logits_BLV, 0.0), axis=-1)
 
 
-def first_best_index(logits_BLV: jax.Array, max_BL: jax.Array) -> jax.Array:
+def first_best_index(logits_BLV: jax.Array) -> jax.Array:
     """argmax over the vocabulary (the first index of the largest logit, as jnp.argmax breaks ties), as
     float32. XLA CPU runs argmax as a two-operand reduction at a third of a plain reduction's speed (0.14 s
     of the 125M benchmark's 10 s step); here a float key that is the index at the maxima and the index
     + V elsewhere is minimised. The barrier keeps XLA from fusing this reduction with the log-normaliser's
     over the same logits into one multi-output loop, which it runs slower than the two apart. Exact for
     vocabularies below 2^23."""
-    logits, largest = jax.lax.optimization_barrier((logits_BLV, max_BL))
+    logits, largest = jax.lax.optimization_barrier((logits_BLV, jnp.max(logits_BLV, axis=-1)))
     vocab = logits.shape[-1]
     vocab_ids = jax.lax.broadcasted_iota(jnp.float32, logits.shape, logits.ndim - 1)
     # logits - largest is 0 at the maxima and negative elsewhere: sign() is 0 or -1
@@ -72,8 +72,7 @@ def cross_entropy_sums(
     target_logit = target_logits(logits, targets_BL)
     cross_entropy = (log_normalizer - target_logit) * mask
     z_term = z_loss * jnp.square(log_normalizer) * mask
-    no_grad = jax.lax.stop_gradient(logits)
-    best = first_best_index(no_grad, jnp.max(no_grad, axis=-1))
+    best = first_best_index(jax.lax.stop_gradient(logits))
     correct = (best == targets_BL).astype(jnp.float32) * mask
     return {
         "cross_entropy": cross_entropy.sum(),
