@@ -28,14 +28,8 @@ analysis. `make bench-peers` runs all of it (about 45 minutes on a 2-core machin
 --scanned adds ours with the layers scanned (`model.scan_layers=True`, the default for training) to
 every round, printed with its ratio to the unrolled run.
 
-Ours runs under mimalloc, as launch/train.py runs on a CPU machine (plamo_jax/host_allocator.py: XLA's
-temporaries are allocated afresh every step, and glibc's malloc returns them to the kernel, which maps
-and zeroes them again); MaxText and transformers under glibc's malloc, as their launchers leave them.
---glibc adds ours under glibc's malloc to every round.
-
     python benchmarks/bench_peers.py [--shapes llama,qwen3,moe] [--rounds 3] [--steps 4] [--warmup 2]
-        [--batch 4] [--seq-len 512] [--maxtext-python .venv-maxtext/bin/python]
-        [--scanned] [--glibc] [--profile]
+        [--batch 4] [--seq-len 512] [--maxtext-python .venv-maxtext/bin/python] [--scanned] [--profile]
 """
 
 from __future__ import annotations
@@ -56,7 +50,6 @@ import jax
 from bench_train import synthetic_batch  # the sibling script (benchmarks/ is on sys.path)
 from jax.profiler import ProfileData
 
-from plamo_jax import host_allocator
 from plamo_jax.configuration import default_config, finalize
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train.run import build_run
@@ -75,8 +68,6 @@ SHAPES = {
                 tie_embeddings=False, qk_norm=False),
 }
 SCANNED = "plamo_jax_scanned"  # ours with model.scan_layers=True (--scanned): what the layer loop saves
-GLIBC = "plamo_jax_glibc"  # ours under glibc's malloc (--glibc): what mimalloc saves
-OURS = ("plamo_jax", SCANNED, GLIBC)
 PEERS = {"llama": ("plamo_jax", "maxtext", "transformers"), "qwen3": ("plamo_jax", "transformers"),
          "moe": ("plamo_jax", "maxtext")}
 
@@ -192,7 +183,7 @@ def maxtext_step_times(python: str, shape: dict, batch: int, seq_len: int, steps
 
 def worker(args) -> None:
     shape = SHAPES[args.shape]
-    if args.worker in OURS:
+    if args.worker in ("plamo_jax", SCANNED):
         times = ours_step_times(shape, args.batch, args.seq_len, args.steps, args.warmup, args.profile_dir,
                                 scan_layers=args.worker == SCANNED)
     elif args.worker == "transformers":
@@ -200,21 +191,10 @@ def worker(args) -> None:
     else:
         times = maxtext_step_times(args.maxtext_python, shape, args.batch, args.seq_len, args.steps,
                                    args.warmup, args.profile_dir)
-    print(RESULT + json.dumps({"times": times, "mimalloc": host_allocator.running_under_mimalloc()}),
-          flush=True)
+    print(RESULT + json.dumps({"times": times}), flush=True)
 
 
 # ------------------------------------------------------------------------------------------ orchestra
-
-
-def worker_environment(system: str) -> dict[str, str]:
-    """Ours runs as launch/train.py runs it on a CPU machine: under mimalloc (plamo_jax/host_allocator.py),
-    except the --glibc column; the peers under the allocator their own launchers use (glibc's)."""
-    if system in OURS and system != GLIBC:
-        library = host_allocator.mimalloc_library()
-        return os.environ | host_allocator.allocator_environment(os.environ, library)
-    preloads = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and "libmimalloc" not in p]
-    return os.environ | {"LD_PRELOAD": ":".join(preloads)}
 
 
 def measure(system: str, shape: str, args, profile_dir: str = "") -> float:
@@ -223,16 +203,11 @@ def measure(system: str, shape: str, args, profile_dir: str = "") -> float:
                            "--steps", str(args.steps), "--warmup", str(args.warmup),
                            "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                            "--maxtext-python", args.maxtext_python, "--profile-dir", profile_dir],
-                          capture_output=True, text=True, cwd=REPO, env=worker_environment(system))
+                          capture_output=True, text=True, cwd=REPO)
     answers = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode or not answers:
         raise RuntimeError(f"{system} on {shape} failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    answer = json.loads(answers[-1].removeprefix(RESULT))
-    expected = system in OURS and system != GLIBC and host_allocator.mimalloc_library() is not None
-    if answer["mimalloc"] != expected:
-        raise RuntimeError(f"{system} ran {'under' if answer['mimalloc'] else 'without'} mimalloc: "
-                           f"expected {'under' if expected else 'without'}")
-    times = answer["times"]
+    times = json.loads(answers[-1].removeprefix(RESULT))["times"]
     return statistics.median(times[args.warmup:])
 
 
@@ -293,14 +268,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--maxtext-python", default=str(REPO / ".venv-maxtext" / "bin" / "python"))
-    parser.add_argument("--worker", choices=(*OURS, "maxtext", "transformers"),
+    parser.add_argument("--worker", choices=("plamo_jax", SCANNED, "maxtext", "transformers"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=tuple(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--profile-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--scanned", action="store_true",
                         help="also run ours with the layers scanned (model.scan_layers=True), interleaved")
-    parser.add_argument("--glibc", action="store_true",
-                        help="also run ours under glibc's malloc instead of mimalloc, interleaved")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one more run of each JAX system: where a step's time goes")
     args = parser.parse_args()
@@ -321,7 +294,6 @@ def main() -> None:
     for shape in shapes:
         systems = [s for s in PEERS[shape] if s != "maxtext" or have_maxtext]
         systems += [SCANNED] if args.scanned else []
-        systems += [GLIBC] if args.glibc else []
         rounds = {system: [] for system in systems}
         for round_index in range(args.rounds):
             for system in systems:
@@ -333,7 +305,7 @@ def main() -> None:
         for peer in systems[1:]:
             print(f"{shape} ratio plamo_jax / {peer}: {medians['plamo_jax'] / medians[peer]:.3f}")
         if args.profile:
-            for system in (s for s in systems if s not in ("transformers", SCANNED, GLIBC)):
+            for system in (s for s in systems if s not in ("transformers", SCANNED)):
                 with tempfile.TemporaryDirectory() as profile_dir:
                     measure(system, shape, args, profile_dir)
                     print_profile(f"{shape} {system}", Path(profile_dir), args.steps)
