@@ -28,8 +28,13 @@ analysis. `make bench-peers` runs all of it (about 45 minutes on a 2-core machin
 --scanned adds ours with the layers scanned (`model.scan_layers=True`, the default for training) to
 every round, printed with its ratio to the unrolled run.
 
+Ours starts as launch/train.py starts on a CPU machine: restarted with glibc's malloc on transparent
+huge pages where the kernel and glibc allow it (plamo_jax/huge_pages.py); MaxText and transformers run
+as their own launchers leave them. --small-pages adds ours without that restart (PLAMO_HUGE_PAGES=off).
+
     python benchmarks/bench_peers.py [--shapes llama,qwen3,moe] [--rounds 3] [--steps 4] [--warmup 2]
-        [--batch 4] [--seq-len 512] [--maxtext-python .venv-maxtext/bin/python] [--scanned] [--profile]
+        [--batch 4] [--seq-len 512] [--maxtext-python .venv-maxtext/bin/python]
+        [--scanned] [--small-pages] [--profile]
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import jax
 from bench_train import synthetic_batch  # the sibling script (benchmarks/ is on sys.path)
 from jax.profiler import ProfileData
 
+from plamo_jax import huge_pages
 from plamo_jax.configuration import default_config, finalize
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train.run import build_run
@@ -68,6 +74,8 @@ SHAPES = {
                 tie_embeddings=False, qk_norm=False),
 }
 SCANNED = "plamo_jax_scanned"  # ours with model.scan_layers=True (--scanned): what the layer loop saves
+SMALL_PAGES = "plamo_jax_small_pages"  # ours with PLAMO_HUGE_PAGES=off (--small-pages): what huge pages save
+OURS = ("plamo_jax", SCANNED, SMALL_PAGES)
 PEERS = {"llama": ("plamo_jax", "maxtext", "transformers"), "qwen3": ("plamo_jax", "transformers"),
          "moe": ("plamo_jax", "maxtext")}
 
@@ -183,7 +191,8 @@ def maxtext_step_times(python: str, shape: dict, batch: int, seq_len: int, steps
 
 def worker(args) -> None:
     shape = SHAPES[args.shape]
-    if args.worker in ("plamo_jax", SCANNED):
+    if args.worker in OURS:
+        huge_pages.reexec_with_huge_pages()  # as launch/train.py does first; returns once restarted
         times = ours_step_times(shape, args.batch, args.seq_len, args.steps, args.warmup, args.profile_dir,
                                 scan_layers=args.worker == SCANNED)
     elif args.worker == "transformers":
@@ -191,23 +200,38 @@ def worker(args) -> None:
     else:
         times = maxtext_step_times(args.maxtext_python, shape, args.batch, args.seq_len, args.steps,
                                    args.warmup, args.profile_dir)
-    print(RESULT + json.dumps({"times": times}), flush=True)
+    print(RESULT + json.dumps({"times": times, "tunables": os.environ.get("GLIBC_TUNABLES", "")}), flush=True)
 
 
 # ------------------------------------------------------------------------------------------ orchestra
 
 
+def expected_tunables(system: str) -> str:
+    """GLIBC_TUNABLES that `system`'s worker should have run with: ours's restart adds malloc's huge pages
+    (plamo_jax/huge_pages.py) where they apply; the other columns start with this process's own."""
+    environ = dict(os.environ)
+    if system in OURS and system != SMALL_PAGES:
+        environ |= huge_pages.huge_page_environment(environ, huge_pages.thp_mode(),
+                                                    huge_pages.glibc_version())
+    return environ.get("GLIBC_TUNABLES", "")
+
+
 def measure(system: str, shape: str, args, profile_dir: str = "") -> float:
     """Median step time after the warm-up steps, from a fresh process (profiled into `profile_dir`)."""
+    environ = os.environ | ({huge_pages.CHOICE: "off"} if system == SMALL_PAGES else {})
     done = subprocess.run([sys.executable, __file__, "--worker", system, "--shape", shape,
                            "--steps", str(args.steps), "--warmup", str(args.warmup),
                            "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                            "--maxtext-python", args.maxtext_python, "--profile-dir", profile_dir],
-                          capture_output=True, text=True, cwd=REPO)
+                          capture_output=True, text=True, cwd=REPO, env=environ)
     answers = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode or not answers:
         raise RuntimeError(f"{system} on {shape} failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    times = json.loads(answers[-1].removeprefix(RESULT))["times"]
+    answer = json.loads(answers[-1].removeprefix(RESULT))
+    if answer["tunables"] != expected_tunables(system):
+        raise RuntimeError(f"{system} ran with GLIBC_TUNABLES={answer['tunables']!r}: expected "
+                           f"{expected_tunables(system)!r}")
+    times = answer["times"]
     return statistics.median(times[args.warmup:])
 
 
@@ -268,12 +292,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--maxtext-python", default=str(REPO / ".venv-maxtext" / "bin" / "python"))
-    parser.add_argument("--worker", choices=("plamo_jax", SCANNED, "maxtext", "transformers"),
+    parser.add_argument("--worker", choices=(*OURS, "maxtext", "transformers"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=tuple(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--profile-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--scanned", action="store_true",
                         help="also run ours with the layers scanned (model.scan_layers=True), interleaved")
+    parser.add_argument("--small-pages", action="store_true",
+                        help="also run ours without malloc's huge pages (PLAMO_HUGE_PAGES=off), interleaved")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one more run of each JAX system: where a step's time goes")
     args = parser.parse_args()
@@ -290,10 +316,13 @@ def main() -> None:
         print(f"note: no MaxText environment at {args.maxtext_python} (make bench-peers builds one); "
               "its column is skipped")
     print(f"batch {args.batch} x {args.seq_len} tokens, fp32, {os.cpu_count()} cores; per round the median "
-          f"of {args.steps} steps after {args.warmup} warm-up steps")
+          f"of {args.steps} steps after {args.warmup} warm-up steps; ours with "
+          f"GLIBC_TUNABLES={expected_tunables('plamo_jax')!r} (THP mode {huge_pages.thp_mode()}, "
+          f"glibc {huge_pages.glibc_version()})")
     for shape in shapes:
         systems = [s for s in PEERS[shape] if s != "maxtext" or have_maxtext]
         systems += [SCANNED] if args.scanned else []
+        systems += [SMALL_PAGES] if args.small_pages else []
         rounds = {system: [] for system in systems}
         for round_index in range(args.rounds):
             for system in systems:
@@ -305,7 +334,7 @@ def main() -> None:
         for peer in systems[1:]:
             print(f"{shape} ratio plamo_jax / {peer}: {medians['plamo_jax'] / medians[peer]:.3f}")
         if args.profile:
-            for system in (s for s in systems if s not in ("transformers", SCANNED)):
+            for system in (s for s in systems if s not in ("transformers", SCANNED, SMALL_PAGES)):
                 with tempfile.TemporaryDirectory() as profile_dir:
                     measure(system, shape, args, profile_dir)
                     print_profile(f"{shape} {system}", Path(profile_dir), args.steps)

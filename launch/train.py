@@ -6,6 +6,9 @@ Running the same command again resumes from the newest complete checkpoint in tr
 Several processes (hosts): set PLAMO_COORDINATOR / PLAMO_NUM_PROCESSES / PLAMO_PROCESS_ID, or
 PLAMO_DISTRIBUTED=auto on SLURM and TPU VMs (see launch/local_multiprocess.py).
 A config, data, mesh or checkpoint problem is one line on stderr and exit status 2.
+On a CPU machine the process first restarts itself with glibc's malloc on transparent huge pages, which
+saves the kernel mapping XLA's step temporaries 4 KiB at a time (plamo_jax/huge_pages.py;
+PLAMO_HUGE_PAGES=off keeps it as started).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from plamo_jax import cli
+from plamo_jax import cli, huge_pages
 from plamo_jax.errors import PlamoError
 from plamo_jax.parallel.mesh import maybe_initialize_distributed
 from plamo_jax.train.trainer import train
@@ -35,6 +38,7 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("plamo_jax").setLevel(logging.INFO)  # absl lowered the root logger to WARNING
     try:
+        huge_pages.reexec_with_huge_pages()  # on CPU machines; returns when there is nothing to do
         maybe_initialize_distributed()
         result = train(_CONFIG.value)
     except PlamoError as error:
