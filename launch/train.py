@@ -17,14 +17,21 @@ import logging
 import re
 import sys
 
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
-
 from plamo_jax import cli, huge_pages
 from plamo_jax.errors import PlamoError
-from plamo_jax.parallel.mesh import maybe_initialize_distributed
-from plamo_jax.train.trainer import train
+
+if __name__ == "__main__":  # before the imports below (3 s), which only the restarted process then pays
+    try:
+        huge_pages.reexec_with_huge_pages()  # on CPU machines; returns when there is nothing to do
+    except PlamoError as error:
+        cli.fail(error)
+
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from plamo_jax.parallel.mesh import maybe_initialize_distributed  # noqa: E402
+from plamo_jax.train.trainer import train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/tiny.py", "Recipe file (get_config()).", lock_config=True
@@ -38,7 +45,6 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("plamo_jax").setLevel(logging.INFO)  # absl lowered the root logger to WARNING
     try:
-        huge_pages.reexec_with_huge_pages()  # on CPU machines; returns when there is nothing to do
         maybe_initialize_distributed()
         result = train(_CONFIG.value)
     except PlamoError as error:

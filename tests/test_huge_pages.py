@@ -77,6 +77,15 @@ def test_bad_choice_is_one_clear_error():
         huge_pages.huge_page_environment({huge_pages.CHOICE: "yes"}, "madvise", GLIBC)
 
 
+def test_entry_point_names_a_bad_choice_in_one_line():
+    environ = os.environ | {huge_pages.CHOICE: "yes", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/tiny.py"], env=environ,
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: environment variable PLAMO_HUGE_PAGES='yes': "
+                                   "expected one of ('on', 'off')")
+
+
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
     enabled = tmp_path / "enabled"
     enabled.write_text("always [madvise] never\n")
