@@ -53,14 +53,6 @@ def glibc_version() -> tuple[int, int] | None:
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
-def cpu_machine(environ: Mapping[str, str]) -> bool:
-    """True when JAX will run on the CPU: JAX_PLATFORMS says so, or there is no TPU chip or NVIDIA GPU."""
-    chosen = environ.get("JAX_PLATFORMS", "")
-    if chosen:
-        return chosen.split(",")[0].strip() == "cpu"
-    return not platforms.has_tpu_chips() and not platforms.has_nvidia_gpu()
-
-
 def huge_page_environment(environ: Mapping[str, str], mode: str | None,
                           glibc: tuple[int, int] | None) -> dict[str, str]:
     """The variables to set in `environ` so that a process starts with malloc on huge pages; {} when the
@@ -80,20 +72,10 @@ def reexec_with_huge_pages() -> None:
     """Replace this process with itself, malloc on huge pages, on a CPU machine where that changes
     something; return otherwise. Call it first thing in an entry point: the process starts over with
     the same arguments."""
-    if not cpu_machine(os.environ):
+    if not platforms.runs_on_cpu(os.environ):
         return
     added = huge_page_environment(os.environ, thp_mode(), glibc_version())
     if added:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, {**os.environ, **added})
-
-
-def anonymous_huge_page_bytes() -> int:
-    """Bytes of this process's anonymous memory on transparent huge pages now (0 where unknown)."""
-    try:
-        rollup = Path("/proc/self/smaps_rollup").read_text()
-    except OSError:
-        return 0
-    found = re.search(r"^AnonHugePages:\s+(\d+) kB", rollup, re.MULTILINE)
-    return int(found.group(1)) * 1024 if found else 0

@@ -5,6 +5,8 @@ to initialise a TPU backend in every process: about two seconds and a screenful 
 a CPU or GPU machine. Unless the user chose platforms (JAX_PLATFORMS or jax.config), a machine without
 TPU chips gets the platforms it does have. Compile-only TPU devices
 (`jax.experimental.topologies.get_topology_desc(..., platform="tpu")`) work either way.
+`runs_on_cpu` answers, before JAX starts, whether it will run on the CPU (for CPU-only process set-up,
+plamo_jax/huge_pages.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+from collections.abc import Mapping
 
 import jax
 
@@ -24,6 +27,14 @@ def has_tpu_chips() -> bool:
 def has_nvidia_gpu() -> bool:
     cuda_plugin = any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
     return cuda_plugin and bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def runs_on_cpu(environ: Mapping[str, str]) -> bool:
+    """True when JAX will run on the CPU: JAX_PLATFORMS says so, or there is no TPU chip or NVIDIA GPU."""
+    chosen = environ.get("JAX_PLATFORMS", "")
+    if chosen:
+        return chosen.split(",")[0].strip() == "cpu"
+    return not has_tpu_chips() and not has_nvidia_gpu()
 
 
 def platforms_without_tpu(configured: str | None, libtpu_installed: bool, tpu_chips: bool,

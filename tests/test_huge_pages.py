@@ -17,7 +17,7 @@ from plamo_jax.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 GLIBC = (2, 36)
 applies = pytest.mark.skipif(
-    huge_pages.thp_mode() != "madvise" or (huge_pages.glibc_version() or (0, 0)) < huge_pages.FIRST_GLIBC,
+    not huge_pages.huge_page_environment({}, huge_pages.thp_mode(), huge_pages.glibc_version()),
     reason=f"needs THP mode madvise (here {huge_pages.thp_mode()}) and glibc >= 2.35 "
            f"(here {huge_pages.glibc_version()})")
 
@@ -25,7 +25,7 @@ applies = pytest.mark.skipif(
 # page faults of allocating and freeing a 256 MiB output on each of 5 calls, and its huge-page memory
 # while the last output is alive.
 PROBE = """
-import json, os, resource
+import json, os, re, resource
 from plamo_jax import huge_pages
 huge_pages.reexec_with_huge_pages()
 import jax, jax.numpy as jnp
@@ -36,7 +36,8 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for k in range(5):
     out = fresh(x, float(k))
     total = float(jnp.sum(out[:: 2**16]))
-    huge = huge_pages.anonymous_huge_page_bytes()
+    rollup = open("/proc/self/smaps_rollup").read()  # anonymous memory on huge pages while `out` lives
+    huge = int(re.search(r"AnonHugePages:\\s+(\\d+) kB", rollup).group(1)) * 1024
     del out
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES", ""), "faults": faults, "total": total,
@@ -91,12 +92,6 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
     enabled.write_text("always [madvise] never\n")
     assert huge_pages.thp_mode(enabled) == "madvise"
     assert huge_pages.thp_mode(tmp_path / "absent") is None
-
-
-def test_cpu_machine_follows_jax_platforms():
-    assert huge_pages.cpu_machine({"JAX_PLATFORMS": "cpu"})
-    assert not huge_pages.cpu_machine({"JAX_PLATFORMS": "cuda,cpu"})
-    assert not huge_pages.cpu_machine({"JAX_PLATFORMS": "tpu"})
 
 
 @applies

@@ -29,3 +29,9 @@ def test_platform_choice():
     assert choose(None, libtpu_installed=True, tpu_chips=True, nvidia_gpu=False) is None  # a TPU VM
     assert choose("tpu", libtpu_installed=True, tpu_chips=False, nvidia_gpu=False) is None  # user's choice
     assert choose(None, libtpu_installed=False, tpu_chips=False, nvidia_gpu=True) is None  # nothing to skip
+
+
+def test_runs_on_cpu_follows_jax_platforms():
+    assert platforms.runs_on_cpu({"JAX_PLATFORMS": "cpu"})
+    assert not platforms.runs_on_cpu({"JAX_PLATFORMS": "cuda,cpu"})
+    assert not platforms.runs_on_cpu({"JAX_PLATFORMS": "tpu"})
