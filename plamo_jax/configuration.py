@@ -160,9 +160,6 @@ def _train_defaults() -> ml_collections.ConfigDict:
     t.distill_alpha = 0.0  # distill: loss = (1 - alpha) * T^2 * KL + alpha * cross entropy
     t.distill_top_k = 0  # distill: > 0 = only the teacher's top-k tokens (renormalised); 0 = all
     t.log_every = 10
-    # The health/* norms (gradient, parameter and update per block and group: three more passes over
-    # every parameter, ~2% of a step on a 2-core CPU) on steps that are multiples of this; 1 = every step.
-    t.health_every = 10
     t.output_dir = "runs/default"
     # MFU's denominator: > 0 = this figure; 0 = the vendor figure for the device and compute dtype, or,
     # where there is none (CPUs, unknown devices), a matmul measured once per machine when
@@ -318,7 +315,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     )
     _require(t.steps > 0, "train.steps", t.steps, "a positive number of steps")
     _require(t.log_every > 0, "train.log_every", t.log_every, "a positive number of steps")
-    _require(t.health_every > 0, "train.health_every", t.health_every, "a positive number of steps")
     _require(bool(t.output_dir), "train.output_dir", t.output_dir, "a directory for checkpoints and metrics")
     _require(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "at least 1")
     _require(t.spike_sigma >= 0, "train.spike_sigma", t.spike_sigma, ">= 0 (0 = no spike test)")

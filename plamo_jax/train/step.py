@@ -6,7 +6,7 @@ objective (train/objectives/) turns a batch into an objective sum and metric sum
 sum (statistics named `max/...` are maxima), so microbatches accumulate exactly and the gradient is
 divided once by the objective's count. The guard (train/guards.py) keeps the old parameters and
 optimizer state when a step is not finite or spikes. Health metrics: gradient, parameter and update
-norms per parameter group (each scanned block, the embeddings, the head), every train.health_every steps.
+norms per parameter group (each scanned block, the embeddings, the head).
 """
 
 from __future__ import annotations
@@ -119,46 +119,20 @@ def group_norms(tree: Any) -> dict[str, jax.Array]:
     return norms
 
 
-HEALTH_PREFIX = "health/"
-
-
-def health_norms(grads: Any, old_params: Any, updates: Any) -> dict[str, jax.Array]:
-    """Gradient norm, parameter norm and update / parameter ratio per parameter group."""
-    grad_groups, param_groups, update_groups = (group_norms(t) for t in (grads, old_params, updates))
-    norms = {}
-    for group in grad_groups:
-        norms[f"{HEALTH_PREFIX}grad_norm/{group}"] = grad_groups[group]
-        norms[f"{HEALTH_PREFIX}param_norm/{group}"] = param_groups[group]
-        ratio = update_groups[group] / jnp.maximum(param_groups[group], 1e-30)
-        norms[f"{HEALTH_PREFIX}update_ratio/{group}"] = ratio
-    return norms
-
-
-def health_step(step: int, health_every: int) -> bool:
-    """Whether the step numbered `step` (counting from 1, as the metrics are) computes the health norms."""
-    return step % health_every == 0
-
-
-def apply_gradients(state: dict, grad_sums: Any, count: jax.Array, optimizer: optax.GradientTransformation,
-                    health_every: int = 1) -> tuple[dict, dict]:
-    """(new state, norms) after one optimizer update with the gradient sums divided by `count`.
-
-    The health norms are computed on every `health_every`-th step only (a conditional: the other steps
-    read no parameter for them); elsewhere they are NaN and the metrics log drops them.
-    """
+def apply_gradients(
+    state: dict, grad_sums: Any, count: jax.Array, optimizer: optax.GradientTransformation
+) -> tuple[dict, dict]:
+    """(new state, norms) after one optimizer update with the gradient sums divided by `count`."""
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grad_sums)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     norms = {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
-    health_inputs = (grads, state["params"], updates)
-    if health_every == 1:
-        norms |= health_norms(*health_inputs)
-    else:
-        shapes = jax.eval_shape(health_norms, *health_inputs)
-        skipped = lambda *_: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
-        norms |= jax.lax.cond(health_step(state["step"] + 1, health_every), health_norms, skipped,
-                              *health_inputs)
+    grad_groups, param_groups, update_groups = (group_norms(t) for t in (grads, state["params"], updates))
+    for group in grad_groups:
+        norms[f"health/grad_norm/{group}"] = grad_groups[group]
+        norms[f"health/param_norm/{group}"] = param_groups[group]
+        norms[f"health/update_ratio/{group}"] = update_groups[group] / jnp.maximum(param_groups[group], 1e-30)
     return dict(state, step=state["step"] + 1, params=params, opt_state=opt_state), norms
 
 
@@ -186,8 +160,7 @@ def train_step(state: dict, batch: Batch, frozen: Any, *, objective, config: ml_
         batch = context.lay_out_batch(batch, shards)
     with context.balanced_layout(balanced):
         grads, sums = accumulate_gradients(loss_sums, state["params"], batch, config.train.microbatches)
-    new_state, norms = apply_gradients(state, grads, sums[objective.normalizer], optimizer,
-                                       config.train.health_every)
+    new_state, norms = apply_gradients(state, grads, sums[objective.normalizer], optimizer)
     metrics = objective.metrics(sums) | norms
     reason, guard = guards.assess(state["guard"], metrics["loss"], norms["grad_norm"], norms["param_norm"],
                                   guards.GuardSettings.from_config(config.train))

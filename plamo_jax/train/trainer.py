@@ -33,7 +33,6 @@ from plamo_jax.train.goodput import Goodput
 from plamo_jax.train.metrics import MetricsWriter, Progress, flatten_metrics
 from plamo_jax.train.peak_flops import peak_flops
 from plamo_jax.train.run import Run, build_run
-from plamo_jax.train.step import HEALTH_PREFIX, health_step
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +157,6 @@ class MetricsLog:
         is_main = jax.process_index() == 0
         self.data = data
         self.goodput = goodput
-        self.health_every = int(config.train.health_every)
         self.tokens_at = run.tokens_at
         self.flops_per_token = run.flops_per_token
         self.peak = peak_flops(config.train.peak_flops_per_device, config.model,
@@ -194,8 +192,7 @@ class MetricsLog:
             interval["perf/mfu"] = tokens_per_second * self.flops_per_token / (
                 jax.device_count() * self.peak.flops_per_device)
             interval["perf/peak_flops_per_device"] = self.peak.flops_per_device
-        records = [(step, self.without_skipped_health(step, values))
-                   for (step, _), values in zip(self.pending, fetched, strict=True)]
+        records = [(step, values) for (step, _), values in zip(self.pending, fetched, strict=True)]
         for step, values in records:
             self.writer.write(step, values | (interval if step == records[-1][0] else {}))
         self.last = records[-1][1]
@@ -208,12 +205,6 @@ class MetricsLog:
         self.pending.clear()
         self._interval_start = time.perf_counter()
         return records
-
-    def without_skipped_health(self, step: int, values: dict[str, float]) -> dict[str, float]:
-        """The step's metrics, less the health norms where the step did not compute them."""
-        if health_step(step, self.health_every):
-            return values
-        return {name: value for name, value in values.items() if not name.startswith(HEALTH_PREFIX)}
 
     def restart_at(self, step: int) -> None:
         self.pending.clear()
