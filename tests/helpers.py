@@ -11,6 +11,8 @@ from plamo_jax.parallel import context
 from plamo_jax.parallel.rules import MESH_AXES, sharding_context
 from plamo_jax.train import state as state_lib
 from plamo_jax.train.objectives.lm import LANGUAGE_MODELING, lm_loss_sums
+from plamo_jax.train.optimizer import make_optimizer
+from plamo_jax.train.step import make_train_step
 
 make_train_iterator = LANGUAGE_MODELING.make_iterator  # text and chat corpora, as training reads them
 
@@ -42,6 +44,14 @@ def initial_host_params(config, seed: int = 0):
     """A model's initial parameters as host arrays (to place on any mesh)."""
     setup = state_lib.setup_model(config.model, mesh_of(data=1), mesh_rules(config))
     return jax.device_get(state_lib.init_params(config.model, setup, seed=seed))
+
+
+def one_device_step(config, seed: int = 0):
+    """(jitted language-modelling train step, its initial state) of `config` on one device."""
+    setup = state_lib.setup_model(config.model, mesh_of(data=1), mesh_rules(config))
+    optimizer = make_optimizer(config.optimizer, config.train.steps)
+    step = jax.jit(make_train_step(LANGUAGE_MODELING, config, setup.graphdef, optimizer))
+    return step, state_lib.init_state(config.model, setup, optimizer, seed=seed)
 
 
 def loss_and_grads(config, mesh, host_params, host_batch, balanced: bool = False):

@@ -17,18 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import mesh_of, random_batch, small_config
+from helpers import one_device_step, random_batch, small_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from plamo_jax.configuration import mesh_rules
 from plamo_jax.data.pipeline import TrainIterator
 from plamo_jax.errors import TrainingDiverged
 from plamo_jax.train import guards, objectives
-from plamo_jax.train import state as state_lib
 from plamo_jax.train.checkpoint import Checkpointer, load_params
 from plamo_jax.train.objectives.lm import CORPUS_FORMATS, LanguageModeling
-from plamo_jax.train.optimizer import make_optimizer
-from plamo_jax.train.step import make_train_step
 from plamo_jax.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,10 +135,7 @@ def test_a_lasting_gradient_norm_spike_is_taken_after_patience_and_a_lasting_los
 
 def test_a_non_finite_step_leaves_parameters_and_optimizer_state_bit_identical():
     config = small_config()
-    setup = state_lib.setup_model(config.model, mesh_of(data=1), mesh_rules(config))
-    optimizer = make_optimizer(config.optimizer, config.train.steps)
-    step = jax.jit(make_train_step(objectives.get_objective("lm"), config, setup.graphdef, optimizer))
-    state = state_lib.init_state(config.model, setup, optimizer, seed=0)
+    step, state = one_device_step(config)
     good = random_batch(np.random.default_rng(0), 8, 16, config.model.vocab_size)
     state, _ = step(state, good, None)
     before = jax.device_get(state)

@@ -5,13 +5,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from helpers import mesh_of, random_batch, small_config
-
-from plamo_jax.configuration import mesh_rules
-from plamo_jax.train import objectives
-from plamo_jax.train import state as state_lib
-from plamo_jax.train.optimizer import make_optimizer
-from plamo_jax.train.step import make_train_step
+from helpers import one_device_step, random_batch, small_config
 
 
 def group_norms(params: dict) -> dict[str, np.ndarray]:
@@ -27,10 +21,7 @@ def group_norms(params: dict) -> dict[str, np.ndarray]:
 
 def test_step_norms_equal_numpy_norms_of_the_parameters_and_the_update():
     config = small_config()
-    setup = state_lib.setup_model(config.model, mesh_of(data=1), mesh_rules(config))
-    optimizer = make_optimizer(config.optimizer, config.train.steps)
-    step = jax.jit(make_train_step(objectives.get_objective("lm"), config, setup.graphdef, optimizer))
-    state = state_lib.init_state(config.model, setup, optimizer, seed=0)
+    step, state = one_device_step(config)
     rng = np.random.default_rng(0)
     state, _ = step(state, random_batch(rng, 8, 16, config.model.vocab_size), None)  # past lr = 0
     before = jax.device_get(state)
