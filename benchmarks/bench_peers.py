@@ -29,12 +29,14 @@ analysis. `make bench-peers` runs all of it (about 45 minutes on a 2-core machin
 every round, printed with its ratio to the unrolled run.
 
 Ours starts as launch/train.py starts on a CPU machine: restarted with glibc's malloc on transparent
-huge pages where the kernel and glibc allow it (plamo_jax/huge_pages.py); MaxText and transformers run
-as their own launchers leave them. --small-pages adds ours without that restart (PLAMO_HUGE_PAGES=off).
+huge pages where the kernel and glibc allow it and keeping the memory it frees, dispatch synchronous
+(plamo_jax/host_memory.py); MaxText and transformers run as their own launchers leave them.
+--host-memory adds ours with huge pages only (PLAMO_HOST_MEMORY=huge_pages) and ours without the restart
+(PLAMO_HOST_MEMORY=off).
 
     python benchmarks/bench_peers.py [--shapes llama,qwen3,moe] [--rounds 3] [--steps 4] [--warmup 2]
         [--batch 4] [--seq-len 512] [--maxtext-python .venv-maxtext/bin/python]
-        [--scanned] [--small-pages] [--profile]
+        [--scanned] [--host-memory] [--profile]
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ import jax
 from bench_train import synthetic_batch  # the sibling script (benchmarks/ is on sys.path)
 from jax.profiler import ProfileData
 
-from plamo_jax import huge_pages
+from plamo_jax import host_memory
 from plamo_jax.configuration import default_config, finalize
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train.run import build_run
@@ -74,8 +76,9 @@ SHAPES = {
                 tie_embeddings=False, qk_norm=False),
 }
 SCANNED = "plamo_jax_scanned"  # ours with model.scan_layers=True (--scanned): what the layer loop saves
-SMALL_PAGES = "plamo_jax_small_pages"  # ours with PLAMO_HUGE_PAGES=off (--small-pages): what huge pages save
-OURS = ("plamo_jax", SCANNED, SMALL_PAGES)
+# ours with PLAMO_HOST_MEMORY=huge_pages and =off (--host-memory): what kept memory and huge pages save
+HOST_MEMORY_CHOICES = {"plamo_jax_huge_pages_only": "huge_pages", "plamo_jax_as_started": "off"}
+OURS = ("plamo_jax", SCANNED, *HOST_MEMORY_CHOICES)
 PEERS = {"llama": ("plamo_jax", "maxtext", "transformers"), "qwen3": ("plamo_jax", "transformers"),
          "moe": ("plamo_jax", "maxtext")}
 
@@ -192,7 +195,7 @@ def maxtext_step_times(python: str, shape: dict, batch: int, seq_len: int, steps
 def worker(args) -> None:
     shape = SHAPES[args.shape]
     if args.worker in OURS:
-        huge_pages.reexec_with_huge_pages()  # as launch/train.py does first; returns once restarted
+        host_memory.reexec_for_cpu_training()  # as launch/train.py does first; returns once restarted
         times = ours_step_times(shape, args.batch, args.seq_len, args.steps, args.warmup, args.profile_dir,
                                 scan_layers=args.worker == SCANNED)
     elif args.worker == "transformers":
@@ -200,25 +203,36 @@ def worker(args) -> None:
     else:
         times = maxtext_step_times(args.maxtext_python, shape, args.batch, args.seq_len, args.steps,
                                    args.warmup, args.profile_dir)
-    print(RESULT + json.dumps({"times": times, "tunables": os.environ.get("GLIBC_TUNABLES", "")}), flush=True)
+    host_memory_setup = {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
+                         "async dispatch": jax.config.read("jax_cpu_enable_async_dispatch")}
+    print(RESULT + json.dumps({"times": times, "host memory": host_memory_setup}), flush=True)
 
 
 # ------------------------------------------------------------------------------------------ orchestra
 
 
-def expected_tunables(system: str) -> str:
-    """GLIBC_TUNABLES that `system`'s worker should have run with: ours's restart adds malloc's huge pages
-    (plamo_jax/huge_pages.py) where they apply; the other columns start with this process's own."""
-    environ = dict(os.environ)
-    if system in OURS and system != SMALL_PAGES:
-        environ |= huge_pages.huge_page_environment(environ, huge_pages.thp_mode(),
-                                                    huge_pages.glibc_version())
-    return environ.get("GLIBC_TUNABLES", "")
+def worker_environment(system: str) -> dict[str, str]:
+    """The environment `system`'s worker starts with: ours with its PLAMO_HOST_MEMORY choice, the peers
+    with this process's own."""
+    return os.environ | ({host_memory.CHOICE: HOST_MEMORY_CHOICES[system]} if system in HOST_MEMORY_CHOICES
+                         else {})
+
+
+def expected_host_memory(system: str) -> dict:
+    """The GLIBC_TUNABLES and dispatch `system`'s worker should have run with: ours's restart adds the
+    tunables (plamo_jax/host_memory.py) where they apply, and dispatches synchronously where they keep
+    freed memory; the other columns keep this process's own."""
+    environ = worker_environment(system)
+    if system in OURS:
+        environ |= host_memory.host_memory_environment(environ, host_memory.thp_mode(),
+                                                       host_memory.glibc_version())
+    kept = system in OURS and host_memory.keeps_freed_memory(environ)
+    return {"GLIBC_TUNABLES": environ.get("GLIBC_TUNABLES", ""), "async dispatch": not kept}
 
 
 def measure(system: str, shape: str, args, profile_dir: str = "") -> float:
     """Median step time after the warm-up steps, from a fresh process (profiled into `profile_dir`)."""
-    environ = os.environ | ({huge_pages.CHOICE: "off"} if system == SMALL_PAGES else {})
+    environ = worker_environment(system)
     done = subprocess.run([sys.executable, __file__, "--worker", system, "--shape", shape,
                            "--steps", str(args.steps), "--warmup", str(args.warmup),
                            "--batch", str(args.batch), "--seq-len", str(args.seq_len),
@@ -228,9 +242,9 @@ def measure(system: str, shape: str, args, profile_dir: str = "") -> float:
     if done.returncode or not answers:
         raise RuntimeError(f"{system} on {shape} failed:\n{(done.stdout + done.stderr)[-3000:]}")
     answer = json.loads(answers[-1].removeprefix(RESULT))
-    if answer["tunables"] != expected_tunables(system):
-        raise RuntimeError(f"{system} ran with GLIBC_TUNABLES={answer['tunables']!r}: expected "
-                           f"{expected_tunables(system)!r}")
+    if answer["host memory"] != expected_host_memory(system):
+        raise RuntimeError(f"{system} ran with {answer['host memory']}: "
+                           f"expected {expected_host_memory(system)}")
     times = answer["times"]
     return statistics.median(times[args.warmup:])
 
@@ -298,8 +312,9 @@ def main() -> None:
     parser.add_argument("--profile-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--scanned", action="store_true",
                         help="also run ours with the layers scanned (model.scan_layers=True), interleaved")
-    parser.add_argument("--small-pages", action="store_true",
-                        help="also run ours without malloc's huge pages (PLAMO_HUGE_PAGES=off), interleaved")
+    parser.add_argument("--host-memory", action="store_true",
+                        help="also run ours with huge pages only and as started "
+                             "(PLAMO_HOST_MEMORY=huge_pages, =off), interleaved")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one more run of each JAX system: where a step's time goes")
     args = parser.parse_args()
@@ -317,12 +332,12 @@ def main() -> None:
               "its column is skipped")
     print(f"batch {args.batch} x {args.seq_len} tokens, fp32, {os.cpu_count()} cores; per round the median "
           f"of {args.steps} steps after {args.warmup} warm-up steps; ours with "
-          f"GLIBC_TUNABLES={expected_tunables('plamo_jax')!r} (THP mode {huge_pages.thp_mode()}, "
-          f"glibc {huge_pages.glibc_version()})")
+          f"{expected_host_memory('plamo_jax')} (THP mode {host_memory.thp_mode()}, "
+          f"glibc {host_memory.glibc_version()})")
     for shape in shapes:
         systems = [s for s in PEERS[shape] if s != "maxtext" or have_maxtext]
         systems += [SCANNED] if args.scanned else []
-        systems += [SMALL_PAGES] if args.small_pages else []
+        systems += list(HOST_MEMORY_CHOICES) if args.host_memory else []
         rounds = {system: [] for system in systems}
         for round_index in range(args.rounds):
             for system in systems:
@@ -334,7 +349,7 @@ def main() -> None:
         for peer in systems[1:]:
             print(f"{shape} ratio plamo_jax / {peer}: {medians['plamo_jax'] / medians[peer]:.3f}")
         if args.profile:
-            for system in (s for s in systems if s not in ("transformers", SCANNED, SMALL_PAGES)):
+            for system in (s for s in systems if s not in ("transformers", SCANNED, *HOST_MEMORY_CHOICES)):
                 with tempfile.TemporaryDirectory() as profile_dir:
                     measure(system, shape, args, profile_dir)
                     print_profile(f"{shape} {system}", Path(profile_dir), args.steps)

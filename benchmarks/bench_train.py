@@ -3,7 +3,7 @@
 Prints tokens/s, step time and peak host memory; XLA's counted FLOPs per step (compiled cost
 analysis) against the model-FLOPs formula; and compile time of 4 vs 32 layers of the same width
 (layers are scanned, so the two should be close). Runs as launch/train.py does on a CPU machine:
-restarted with malloc on huge pages where they apply (plamo_jax/huge_pages.py; PLAMO_HUGE_PAGES=off).
+restarted with its host memory set up for training (plamo_jax/host_memory.py; PLAMO_HOST_MEMORY=off).
 
     python benchmarks/bench_train.py [--batch 4] [--seq-len 512] [--steps 5] [--config configs/dense_100m.py]
 """
@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from plamo_jax import huge_pages
+from plamo_jax import host_memory
 from plamo_jax.configuration import load_recipe
 from plamo_jax.parallel.rules import sharding_context
 from plamo_jax.train import state as state_lib
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    huge_pages.reexec_with_huge_pages()  # measured as launch/train.py runs on a CPU machine
+    host_memory.reexec_for_cpu_training()  # measured as launch/train.py runs on a CPU machine
 
     measured = measure_training(args.config, args.batch, args.seq_len, args.steps)
     run, step_seconds, params = measured["run"], measured["step_seconds"], measured["parameters"]

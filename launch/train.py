@@ -6,9 +6,9 @@ Running the same command again resumes from the newest complete checkpoint in tr
 Several processes (hosts): set PLAMO_COORDINATOR / PLAMO_NUM_PROCESSES / PLAMO_PROCESS_ID, or
 PLAMO_DISTRIBUTED=auto on SLURM and TPU VMs (see launch/local_multiprocess.py).
 A config, data, mesh or checkpoint problem is one line on stderr and exit status 2.
-On a CPU machine the process first restarts itself with glibc's malloc on transparent huge pages, which
-saves the kernel mapping XLA's step temporaries 4 KiB at a time (plamo_jax/huge_pages.py;
-PLAMO_HUGE_PAGES=off keeps it as started).
+On a CPU machine the process first restarts itself with glibc's malloc on transparent huge pages and,
+on one CPU device, keeping the memory it frees, so that the kernel does not map and zero XLA's step
+temporaries afresh every step (plamo_jax/host_memory.py; PLAMO_HOST_MEMORY=off keeps it as started).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import logging
 import re
 import sys
 
-from plamo_jax import cli, huge_pages
+from plamo_jax import cli, host_memory
 from plamo_jax.errors import PlamoError
 
 if __name__ == "__main__":  # before the imports below (3 s), which only the restarted process then pays
     try:
-        huge_pages.reexec_with_huge_pages()  # on CPU machines; returns when there is nothing to do
+        host_memory.reexec_for_cpu_training()  # on CPU machines; returns when there is nothing to do
     except PlamoError as error:
         cli.fail(error)
 

@@ -6,7 +6,7 @@ a CPU or GPU machine. Unless the user chose platforms (JAX_PLATFORMS or jax.conf
 TPU chips gets the platforms it does have. Compile-only TPU devices
 (`jax.experimental.topologies.get_topology_desc(..., platform="tpu")`) work either way.
 `runs_on_cpu` answers, before JAX starts, whether it will run on the CPU (for CPU-only process set-up,
-plamo_jax/huge_pages.py).
+plamo_jax/host_memory.py).
 """
 
 from __future__ import annotations
