@@ -11,17 +11,18 @@ Two remedies, both glibc tunables (read only when a process starts) and both mea
   5-20k faults and 0.9-1.3 s of system time per step, the step about a tenth shorter (README, "Speed
   against the peers");
 - keeping freed memory (`KEEP_TUNABLES`), where one process runs one CPU device: large blocks come from
-  the heap instead of mappings of their own (`mmap_max=0`), the heap's free top is never handed back
-  (`trim_threshold`), and every thread allocates from that one heap (`arena_max=1`: a thread's own arena
-  cannot hold a block over 64 MiB and maps it after all). The step's temporaries then reuse the same
-  memory: no faults, ~0.03 s of system time, and the step another tenth shorter (8.5-8.9 -> 7.8 s).
-  JAX's dispatch is made synchronous with it (`jax_cpu_enable_async_dispatch`): dispatched
-  asynchronously, the next step's temporaries are allocated on another thread before the last step's
-  are freed, the heap grows by a whole block of them (peak 12.6 GiB against 5.7 GiB) and that fresh
-  memory faults slowly (steps of 12 s). The data pipeline prefetches on threads of its own either way.
-  The process keeps its peak memory, which training reaches every step anyway. With several CPU devices
-  (simulated meshes) or several processes, computations run concurrently and asynchronously whatever the
-  setting, so only huge pages apply there.
+  the heap instead of mappings of their own (`mmap_max=0`) and the heap's free top is never handed back
+  (`trim_threshold`), with JAX's dispatch synchronous (`jax_cpu_enable_async_dispatch`). Each step then
+  runs, and allocates its temporaries, on the calling thread, whose arena is the main heap, just after
+  the last step freed its own there: the same memory, no faults, ~0.03 s of system time, and the step
+  another tenth shorter (about 8.6 -> 7.8 s). Dispatched asynchronously, a step runs on one of JAX's
+  threads, whose own arena cannot hold a block over 64 MiB and maps it after all; with every thread on
+  the main heap (`arena_max=1`) the next step's temporaries were allocated before the last step's were
+  freed, the heap grew by whole blocks of them (peak 12.6 GiB against 5.7 GiB) and that fresh memory
+  faulted slowly (steps of 12 s), and the small model of `make train` lost a tenth to malloc's lock.
+  The data pipeline prefetches on threads of its own either way. The process keeps its peak memory,
+  which training reaches every step anyway. With several CPU devices (simulated meshes) or several
+  processes, computations run asynchronously whatever the setting, so only huge pages apply there.
 
 The training entry point re-executes itself once with the tunables added (`reexec_for_cpu_training`),
 and only where that changes something: JAX runs on the CPU and the tunables are not set already (by the
@@ -47,7 +48,6 @@ FIRST_HUGE_PAGES_GLIBC = (2, 35)  # the first glibc with the hugetlb tunable
 KEEP_TUNABLES = {
     "glibc.malloc.mmap_max": "0",
     "glibc.malloc.trim_threshold": str(1 << 40),  # 1 TiB: never
-    "glibc.malloc.arena_max": "1",
 }
 CHOICE = "PLAMO_HOST_MEMORY"
 CHOICES = ("keep", "huge_pages", "off")

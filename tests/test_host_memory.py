@@ -57,7 +57,7 @@ def run_probe(**env) -> dict:
 
 
 HUGE = "glibc.malloc.hugetlb=1"
-KEEP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776:glibc.malloc.arena_max=1"
+KEEP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 
 
 def added(mode="madvise", glibc=GLIBC, **environ):
@@ -67,11 +67,11 @@ def added(mode="madvise", glibc=GLIBC, **environ):
 def test_environment_adds_the_tunables_after_the_users_own():
     assert added() == {"GLIBC_TUNABLES": f"{HUGE}:{KEEP}"}
     assert host_memory.keeps_freed_memory(added())
-    # the user's own values win: arena_max=2 stays, the others are added
-    assert added(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == {
-        "GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGE}:glibc.malloc.mmap_max=0:"
+    # the user's own values win: mmap_max=4 stays, the others are added after the user's own tunables
+    assert added(GLIBC_TUNABLES="glibc.malloc.arena_max=2:glibc.malloc.mmap_max=4") == {
+        "GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:glibc.malloc.mmap_max=4:{HUGE}:"
                           "glibc.malloc.trim_threshold=1099511627776"}
-    assert not host_memory.keeps_freed_memory(added(GLIBC_TUNABLES="glibc.malloc.arena_max=2"))
+    assert not host_memory.keeps_freed_memory(added(GLIBC_TUNABLES="glibc.malloc.mmap_max=4"))
     # a process started by the re-execution needs nothing more
     assert added(GLIBC_TUNABLES=f"{HUGE}:{KEEP}") == {}
 
