@@ -22,9 +22,9 @@ applies = pytest.mark.skipif(
     reason=f"needs THP mode madvise (here {host_memory.thp_mode()}) and glibc >= 2.35 "
            f"(here {host_memory.glibc_version()})")
 
-# Re-executes itself as launch/train.py does, then reports the variables it started with, whether JAX
-# dispatches asynchronously, a result, the page faults of allocating and freeing a 256 MiB output on each
-# of 5 calls, and its huge-page memory while the last output is alive.
+# Re-executes itself as launch/train.py does, then reports the tunables it started with, whether JAX
+# dispatches asynchronously, a result, the page faults of each of 5 calls that allocate a 256 MiB output
+# (freed before the next), and its huge-page memory while the last output is alive.
 PROBE = """
 import json, os, re, resource
 from plamo_jax import host_memory
@@ -33,14 +33,16 @@ import jax, jax.numpy as jnp
 fresh = jax.jit(lambda x, k: x * k + 1.0)
 x = jnp.arange(64 * 2**20, dtype=jnp.float32)
 jax.block_until_ready(fresh(x, 2.0))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for k in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     out = fresh(x, float(k))
+    jax.block_until_ready(out)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     total = float(jnp.sum(out[:: 2**16]))
     rollup = open("/proc/self/smaps_rollup").read()  # anonymous memory on huge pages while `out` lives
     huge = int(re.search(r"AnonHugePages:\\s+(\\d+) kB", rollup).group(1)) * 1024
     del out
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES", ""), "faults": faults, "total": total,
                   "huge": huge, "async": jax.config.read("jax_cpu_enable_async_dispatch")}))
 """
@@ -129,11 +131,12 @@ def test_reexecuted_process_reuses_or_maps_huge_pages_and_computes_the_same():
     assert (huge["tunables"], huge["async"]) == (HUGE, True)
     assert (small["tunables"], small["async"]) == ("", True)
     assert kept["total"] == huge["total"] == small["total"]
-    # 4 KiB pages: the 256 MiB output is mapped and zeroed afresh on every call (~65k faults each)
-    assert small["faults"] > 5 * 32_000
+    # the fewest faults of a call, since JAX's other threads fault now and then too:
+    # 4 KiB pages: the 256 MiB output is mapped and zeroed afresh on every call (65,536 faults)
+    assert min(small["faults"]) > 32_000
     # 2 MiB pages: 128 faults a call
-    assert huge["faults"] < small["faults"] / 10
+    assert 128 <= min(huge["faults"]) < 2_000
     # kept: each call's output reuses the memory the last one freed
-    assert kept["faults"] < 5 * 64
+    assert min(kept["faults"]) < 64
     for probe in (kept, huge):
         assert probe["huge"] >= 128 * 2**20 and small["huge"] < probe["huge"] / 4
