@@ -77,10 +77,17 @@ def one_device_one_process(environ: Mapping[str, str]) -> bool:
     maybe_initialize_distributed reads the PLAMO_* variables; XLA_FLAGS or JAX_NUM_CPU_DEVICES simulate
     several devices)."""
     simulated = re.findall(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
-    devices = int(environ.get("JAX_NUM_CPU_DEVICES") or (simulated[-1] if simulated else 1))
-    processes = int(environ.get("PLAMO_NUM_PROCESSES") or 1)
+    devices = _count(environ, "JAX_NUM_CPU_DEVICES", int(simulated[-1]) if simulated else 1)
+    processes = _count(environ, "PLAMO_NUM_PROCESSES", 1)
     distributed = environ.get("PLAMO_DISTRIBUTED") == "auto" or environ.get("PLAMO_COORDINATOR")
     return devices <= 1 and processes <= 1 and not distributed
+
+
+def _count(environ: Mapping[str, str], name: str, default: int) -> int:
+    value = environ.get(name) or str(default)
+    if not value.isdigit():
+        raise ConfigError(f"environment variable {name}={value!r}: expected a whole number")
+    return int(value)
 
 
 def tunables(environ: Mapping[str, str]) -> dict[str, str]:

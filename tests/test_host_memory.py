@@ -106,6 +106,11 @@ def test_bad_choice_is_one_clear_error():
         added(**{host_memory.CHOICE: "yes"})
 
 
+def test_bad_count_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"PLAMO_NUM_PROCESSES='two': expected a whole number"):
+        added(PLAMO_NUM_PROCESSES="two")
+
+
 def test_entry_point_names_a_bad_choice_in_one_line():
     environ = os.environ | {host_memory.CHOICE: "yes", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/tiny.py"], env=environ,
