@@ -42,6 +42,7 @@ import jax
 
 from plamo_jax import platforms
 from plamo_jax.errors import ConfigError
+from plamo_jax.parallel.mesh import launched_distributed
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
 FIRST_HUGE_PAGES_GLIBC = (2, 35)  # the first glibc with the hugetlb tunable
@@ -73,14 +74,13 @@ def glibc_version() -> tuple[int, int] | None:
 
 
 def one_device_one_process(environ: Mapping[str, str]) -> bool:
-    """Whether the process will run one CPU device and no other process (parallel/mesh.py's
-    maybe_initialize_distributed reads the PLAMO_* variables; XLA_FLAGS or JAX_NUM_CPU_DEVICES simulate
-    several devices)."""
+    """Whether the process will run one CPU device and no other process (XLA_FLAGS or JAX_NUM_CPU_DEVICES
+    simulate several devices; PLAMO_NUM_PROCESSES, or the variables of a distributed launch, several
+    processes)."""
     simulated = re.findall(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
     devices = _count(environ, "JAX_NUM_CPU_DEVICES", int(simulated[-1]) if simulated else 1)
     processes = _count(environ, "PLAMO_NUM_PROCESSES", 1)
-    distributed = environ.get("PLAMO_DISTRIBUTED") == "auto" or environ.get("PLAMO_COORDINATOR")
-    return devices <= 1 and processes <= 1 and not distributed
+    return devices <= 1 and processes <= 1 and not launched_distributed(environ)
 
 
 def _count(environ: Mapping[str, str], name: str, default: int) -> int:

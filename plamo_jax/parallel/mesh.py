@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import socket
+from collections.abc import Mapping
 
 import jax
 import ml_collections
@@ -88,23 +89,26 @@ def make_abstract_mesh(mesh_cfg: ml_collections.ConfigDict, num_devices: int) ->
     return AbstractMesh(tuple(ici[a] * dcn[a] for a in MESH_AXES), MESH_AXES)
 
 
+def launched_distributed(environ: Mapping[str, str]) -> bool:
+    """Whether these variables launch the process as one of several (maybe_initialize_distributed)."""
+    return environ.get("PLAMO_DISTRIBUTED") == "auto" or bool(environ.get("PLAMO_COORDINATOR"))
+
+
 def maybe_initialize_distributed() -> None:
     """Start jax.distributed when launched as one of several processes.
 
     Reads PLAMO_COORDINATOR (host:port), PLAMO_NUM_PROCESSES, PLAMO_PROCESS_ID (set by the local
     launcher or a job script); with PLAMO_DISTRIBUTED=auto, JAX detects SLURM and TPU-VM clusters itself.
     """
-    auto = os.environ.get("PLAMO_DISTRIBUTED") == "auto"
-    coordinator = os.environ.get("PLAMO_COORDINATOR")
-    if not (auto or coordinator):
+    if not launched_distributed(os.environ):
         return
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if auto:
+    if os.environ.get("PLAMO_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
         return
     jax.distributed.initialize(
-        coordinator_address=coordinator,
+        coordinator_address=os.environ["PLAMO_COORDINATOR"],
         num_processes=int(os.environ["PLAMO_NUM_PROCESSES"]),
         process_id=int(os.environ["PLAMO_PROCESS_ID"]),
     )
